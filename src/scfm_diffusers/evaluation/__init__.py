@@ -1,0 +1,1 @@
+"""Evaluation harness: metrics, the built-in demo teacher and reports."""

@@ -1,0 +1,1 @@
+"""SCFM training library: grid sampling, the objective, the dual LoRA EMA and model-family glue."""
