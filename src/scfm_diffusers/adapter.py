@@ -1,0 +1,324 @@
+"""The SCFM adapter folder: LoRA weights, SCFM inference settings, scheduler config and model card.
+
+Layout of a folder (also of a Hub repository)::
+
+    pytorch_lora_weights.safetensors   diffusers LoRA format, with peft's LoRA config (alpha!) as metadata
+    scfm_settings.json                 SCFMInferenceSettings: family, steps, shift, guidance, LoRA scale, ...
+    scheduler/scheduler_config.json    the FlowMatchSCFMScheduler the adapter was trained for
+    README.md                          model card with Hub metadata and a usage snippet
+    images/                            optional validation images shown in the card
+
+Stock diffusers reads the weights directly: ``FluxPipeline.load_lora_weights(folder_or_repo)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData, create_repo, hf_hub_download, upload_folder
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from peft.utils import get_peft_model_state_dict
+
+from .families import FAMILIES, family_of_transformer, get_family
+from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
+
+__all__ = [
+    "SETTINGS_NAME",
+    "WEIGHTS_NAME",
+    "SCFMInferenceSettings",
+    "load_adapter_settings",
+    "push_adapter",
+    "save_adapter",
+]
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+SETTINGS_NAME = "scfm_settings.json"
+SCHEDULER_SUBFOLDER = "scheduler"
+IMAGES_SUBFOLDER = "images"
+_ADAPTER_PLACEHOLDER = "path/to/this/adapter"
+
+
+@dataclass
+class SCFMInferenceSettings:
+    """How an SCFM adapter is meant to be sampled. Every field can be overridden per pipeline call.
+
+    Attributes:
+        family: Model family the adapter belongs to (``"flux"`` or ``"sd3"``).
+        num_inference_steps: Euler steps N the student was distilled for (3–8 typically).
+        shift: Fixed shift of the sampling grid (Flux 3.25, SD3 3.0 in the method's reference sampler).
+        use_dynamic_shifting: Use Flux's resolution-dependent shift instead of ``shift``.
+        guidance_scale: Flux: embedded guidance; SD3: classifier-free guidance scale.
+        lora_scale: Strength of the LoRA at inference (the authors advise 1.0–1.75, higher for fewer steps).
+        base_model: Hub id or path of the base model the adapter was trained on.
+        training: Free-form record of the training run (shown in the model card).
+    """
+
+    family: str
+    num_inference_steps: int = 4
+    shift: float = 3.0
+    use_dynamic_shifting: bool = False
+    guidance_scale: float = 3.5
+    lora_scale: float = 1.0
+    base_model: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_family(self.family)  # raises for unknown families
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
+            raise TypeError(f"num_inference_steps must be an int, got {self.num_inference_steps!r}.")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
+        for name in ("shift", "guidance_scale", "lora_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {value!r}.")
+            setattr(self, name, float(value))
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}.")
+        if not isinstance(self.use_dynamic_shifting, bool):
+            raise TypeError(f"use_dynamic_shifting must be a bool, got {self.use_dynamic_shifting!r}.")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise TypeError(f"base_model must be a string or None, got {self.base_model!r}.")
+        if not isinstance(self.training, dict):
+            raise TypeError(f"training must be a dict, got {self.training!r}.")
+
+    @classmethod
+    def for_family(cls, family: str, **overrides: Any) -> SCFMInferenceSettings:
+        """Settings with the method's defaults for ``family``, updated by ``overrides``."""
+        return cls.from_dict({"family": family, **get_family(family).default_settings, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SCFMInferenceSettings:
+        """Build settings from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown SCFM settings keys {unknown}; known keys are {sorted(known)}.")
+        if "family" not in data:
+            raise ValueError(f"SCFM settings need a 'family' (one of {sorted(FAMILIES)}).")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> SCFMInferenceSettings:
+        """A copy with some fields changed (validated again)."""
+        return self.from_dict({**self.to_dict(), **overrides})
+
+    def make_scheduler(self, base_config: dict | None = None) -> FlowMatchSCFMScheduler:
+        """The scheduler these settings describe, optionally on top of a stock scheduler's config."""
+        overrides = {"shift": self.shift, "use_dynamic_shifting": self.use_dynamic_shifting}
+        if base_config is None:
+            return FlowMatchSCFMScheduler(**overrides)
+        return FlowMatchSCFMScheduler.from_config(base_config, **overrides)
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    transformer,
+    settings: SCFMInferenceSettings,
+    *,
+    adapter_name: str = "default",
+    lora_state_dict: dict | None = None,
+    scheduler_config: dict | None = None,
+    validation_images: list | None = None,
+    validation_prompts: list[str] | None = None,
+) -> Path:
+    """Write an adapter folder that stock diffusers pipelines load with ``load_lora_weights``.
+
+    Args:
+        directory: Output folder (created).
+        transformer: The transformer carrying the LoRA (peft adapter ``adapter_name``); its family must match
+            ``settings.family``.
+        settings: Inference settings to store.
+        adapter_name: Which peft adapter to save; its ``LoraConfig`` (rank, alpha, targets) goes into the
+            metadata so that alpha ≠ rank loads with the right scale.
+        lora_state_dict: Save these LoRA tensors (peft format, e.g. an EMA copy) instead of the adapter's own;
+            the LoRA config of ``adapter_name`` still applies.
+        scheduler_config: Stock scheduler config to build the SCFM scheduler on (keeps its other keys).
+        validation_images: PIL images to store under ``images/`` and show in the model card.
+        validation_prompts: Captions of ``validation_images``.
+
+    Returns:
+        The folder path.
+    """
+    directory = Path(directory)
+    family = family_of_transformer(transformer)
+    if family.name != settings.family:
+        raise ValueError(f"The transformer is a {family.name} model but the settings say {settings.family!r}.")
+    if adapter_name not in getattr(transformer, "peft_config", {}):
+        known = sorted(getattr(transformer, "peft_config", {}))
+        raise ValueError(f"The transformer has no LoRA adapter {adapter_name!r} (it has {known}).")
+    directory.mkdir(parents=True, exist_ok=True)
+    if lora_state_dict is None:
+        lora_state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    family.pipeline_class.save_lora_weights(
+        directory,
+        transformer_lora_layers=lora_state_dict,
+        transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
+    )
+    (directory / SETTINGS_NAME).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n")
+    settings.make_scheduler(scheduler_config).save_pretrained(directory / SCHEDULER_SUBFOLDER)
+
+    image_paths = []
+    for index, image in enumerate(validation_images or []):
+        (directory / IMAGES_SUBFOLDER).mkdir(exist_ok=True)
+        path = f"{IMAGES_SUBFOLDER}/validation_{index}.png"
+        image.save(directory / path)
+        image_paths.append(path)
+    lora_config = transformer.peft_config[adapter_name]
+    card = model_card(
+        settings, rank=lora_config.r, alpha=lora_config.lora_alpha, image_paths=image_paths, prompts=validation_prompts
+    )
+    card.save(directory / "README.md")
+    return directory
+
+
+def model_card(
+    settings: SCFMInferenceSettings,
+    *,
+    rank: int,
+    alpha: float,
+    repo_id: str | None = None,
+    image_paths: list[str] | None = None,
+    prompts: list[str] | None = None,
+) -> ModelCard:
+    """The adapter's model card: Hub metadata (base model, library, tags) and a runnable usage snippet."""
+    family = get_family(settings.family)
+    data = ModelCardData(
+        base_model=settings.base_model,
+        library_name="diffusers",
+        license="other",
+        tags=["text-to-image", "lora", "diffusers", "scfm", "few-step", "flow-matching", family.name],
+        pipeline_tag="text-to-image",
+    )
+    adapter = repo_id or _ADAPTER_PLACEHOLDER
+    base = settings.base_model or "path/to/base/model"
+    steps = settings.num_inference_steps
+    images = "".join(
+        f"\n![{(prompts or [''] * len(image_paths))[i]}]({path})" for i, path in enumerate(image_paths or [])
+    )
+    training = "".join(f"\n| {key} | {value} |" for key, value in sorted(settings.training.items()))
+    body = f"""
+# SCFM {steps}-step LoRA for {base}
+
+A LoRA that samples `{base}` in **{steps} steps**, distilled with SCFM ("Shortcutting Pre-trained Flow
+Matching Diffusion Models is Almost Free Lunch", NeurIPS 2025) using
+[scfm-diffusers](https://github.com/scfm-diffusers/scfm-diffusers).
+{images}
+
+## Use it
+
+```python
+import torch
+from scfm_diffusers import SCFMPipeline
+
+pipe = SCFMPipeline.from_pretrained("{base}", adapter="{adapter}", torch_dtype=torch.bfloat16)
+image = pipe("a photo of a cat").images[0]  # {steps} steps, shift {settings.shift:g}
+```
+
+or with the stock pipeline:
+
+```python
+from diffusers import {family.pipeline_class.__name__}
+from scfm_diffusers import FlowMatchSCFMScheduler
+
+pipe = {family.pipeline_class.__name__}.from_pretrained("{base}", torch_dtype=torch.bfloat16)
+pipe.load_lora_weights("{adapter}")
+pipe.scheduler = FlowMatchSCFMScheduler.from_config(pipe.scheduler.config, shift={settings.shift:g}, use_dynamic_shifting={settings.use_dynamic_shifting})
+image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={settings.guidance_scale:g},
+             joint_attention_kwargs={{"scale": {settings.lora_scale:g}}}).images[0]
+```
+
+## Settings
+
+| setting | value |
+|---|---|
+| steps | {steps} |
+| shift | {settings.shift:g} (dynamic: {settings.use_dynamic_shifting}) |
+| guidance scale | {settings.guidance_scale:g} |
+| LoRA scale | {settings.lora_scale:g} |
+| LoRA rank / alpha | {rank} / {alpha:g} |
+
+## Training
+| parameter | value |
+|---|---|{training}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _is_local(adapter: str | os.PathLike) -> bool:
+    return Path(adapter).exists() or str(adapter).startswith((".", "/", "~")) or os.sep + os.sep in str(adapter)
+
+
+def load_adapter_settings(
+    adapter: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> SCFMInferenceSettings:
+    """Read an adapter's :class:`SCFMInferenceSettings` from a local folder or a Hub repository id.
+
+    Raises:
+        FileNotFoundError: The folder does not exist, or holds no LoRA weights or no settings file.
+        OSError: The Hub repository could not be read (offline, missing, private without a token).
+    """
+    if _is_local(adapter):
+        folder = Path(adapter).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"SCFM adapter folder {str(folder)!r} does not exist.")
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} holds no {WEIGHTS_NAME}: it is not an SCFM adapter folder "
+                "(write one with scfm_diffusers.save_adapter or examples/train_scfm_lora.py)."
+            )
+        settings_path = folder / SETTINGS_NAME
+        if not settings_path.is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} has LoRA weights but no {SETTINGS_NAME}; load it with "
+                "`pipe.load_lora_weights(...)` and pass steps/shift/guidance yourself."
+            )
+    else:
+        try:
+            settings_path = Path(hf_hub_download(str(adapter), SETTINGS_NAME, revision=revision, token=token))
+        except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+            raise OSError(
+                f"Could not read {SETTINGS_NAME} of the Hub repository {str(adapter)!r} ({type(error).__name__}: "
+                f"{error}). Check the id, your token, and that HF_HUB_OFFLINE is not set; or pass a local folder."
+            ) from error
+    try:
+        data = json.loads(settings_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{settings_path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{settings_path} must hold a JSON object, got {type(data).__name__}.")
+    return SCFMInferenceSettings.from_dict(data)
+
+
+def push_adapter(
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload SCFM adapter",
+) -> str:
+    """Create (or reuse) the Hub model repository ``repo_id`` and upload the whole adapter folder.
+
+    Returns:
+        The URL of the commit.
+    """
+    directory = Path(directory)
+    if not (directory / WEIGHTS_NAME).is_file() or not (directory / SETTINGS_NAME).is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a complete SCFM adapter folder; nothing pushed.")
+    card_path = directory / "README.md"
+    if card_path.is_file():  # point the card's usage snippet at the repository it is pushed to
+        card_path.write_text(card_path.read_text().replace(_ADAPTER_PLACEHOLDER, repo_id))
+    repo = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    commit = upload_folder(
+        repo_id=repo.repo_id, folder_path=directory, token=token, commit_message=commit_message, repo_type="model"
+    )
+    return str(commit)

@@ -1,0 +1,296 @@
+"""The data side of SCFM training: real `datasets`, real PIL files and the tiny real Flux pipeline."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scfm_diffusers.testing import tiny_flux_pipeline
+from scfm_diffusers.training.data import (
+    MANIFEST_FILE,
+    CachedDataset,
+    ImageCaptionPreprocessor,
+    cache_latents_and_embeddings,
+    generate_teacher_images,
+    load_image_caption_dataset,
+    make_fingerprint,
+    read_prompts,
+    repeat_to_length,
+)
+
+
+def write_image_folder(folder, n=3, *, corrupt=(), size=(40, 24), metadata=True):
+    """Write ``n`` random PNGs (``corrupt`` indices hold garbage bytes) and a metadata.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        name = f"img_{i}.png"
+        if i in corrupt:
+            (folder / name).write_bytes(b"this is not a png")
+        else:
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+        rows.append({"file_name": name, "text": f"caption {i}"})
+    if metadata:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def load(folder, tmp_path, **kwargs):
+    return load_image_caption_dataset(train_data_dir=folder, cache_dir=tmp_path / "hf_cache", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipeline()
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_loads_images_and_captions(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=4)
+    dataset = load(folder, tmp_path)
+    assert len(dataset) == 4
+    assert {"image", "text"} <= set(dataset.column_names)
+    assert sorted(dataset["text"]) == [f"caption {i}" for i in range(4)]
+    assert len(load(folder, tmp_path, max_train_samples=2)) == 2
+
+
+def test_dataset_name_accepts_a_local_folder(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=2)
+    dataset = load_image_caption_dataset(dataset_name=str(folder), cache_dir=tmp_path / "hf_cache")
+    assert len(dataset) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag", "column"),
+    [({"image_column": "img"}, "--image_column", "img"), ({"caption_column": "prompt"}, "--caption_column", "prompt")],
+)
+def test_missing_column_names_column_columns_and_flag(tmp_path, kwargs, flag, column):
+    folder = write_image_folder(tmp_path / "data", n=2)
+    with pytest.raises(ValueError) as info:
+        load(folder, tmp_path, **kwargs)
+    message = str(info.value)
+    assert repr(column) in message and flag in message and "'image'" in message and "'text'" in message
+
+
+def test_folder_without_metadata_says_what_it_must_hold(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=2, metadata=False)
+    with pytest.raises(ValueError, match="metadata.jsonl.*file_name.*text"):
+        load(folder, tmp_path)
+
+
+def test_exactly_one_source(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_caption_dataset()
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_caption_dataset(dataset_name="x", train_data_dir=tmp_path)
+
+
+# --- decoding and preprocessing ------------------------------------------------------------------------
+
+
+def test_preprocessing_shape_range_and_center_crop(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=2, size=(40, 24))
+    samples = list(ImageCaptionPreprocessor(16, center_crop=True)(load(folder, tmp_path)))
+    assert len(samples) == 2
+    for pixels, caption in samples:
+        assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+        assert -1.0 <= pixels.min() and pixels.max() <= 1.0
+        assert caption.startswith("caption")
+    # A uniform image stays uniform whatever the crop / flip; its value maps 0 → -1, 255 → 1.
+    image = Image.new("RGB", (30, 20), (255, 0, 255))
+    pixels = ImageCaptionPreprocessor(8, random_flip=True, seed=1).transform(image)
+    assert torch.equal(pixels[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_random_crop_and_flip_are_seeded(tmp_path):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 50, 3), dtype=np.uint8))
+    draws = [
+        [ImageCaptionPreprocessor(12, random_flip=True, seed=s).transform(image) for _ in range(2)] for s in (3, 3)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+    many = [ImageCaptionPreprocessor(12, random_flip=True, seed=s).transform(image) for s in range(8)]
+    assert len({tuple(p.flatten()[:20].tolist()) for p in many}) > 1
+
+
+def test_corrupt_file_skipped_counted_and_named(tmp_path, caplog):
+    folder = write_image_folder(tmp_path / "data", n=4, corrupt={2})
+    samples = ImageCaptionPreprocessor(16, center_crop=True)(load(folder, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.data"):
+        items = list(samples)
+    assert len(items) == 3
+    assert [caption for _, caption in items] == ["caption 0", "caption 1", "caption 3"]
+    assert len(samples.skipped) == 1 and samples.skipped[0].source.endswith("img_2.png")
+    assert "img_2.png" in caplog.text
+    list(samples)  # a second pass recounts rather than accumulates
+    assert len(samples.skipped) == 1
+
+
+def test_all_corrupt_is_a_clear_error(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=2, corrupt={0, 1})
+    samples = ImageCaptionPreprocessor(16)(load(folder, tmp_path))
+    with pytest.raises(ValueError, match="All 2 images .* unreadable"):
+        list(samples)
+
+
+def test_in_memory_dataset_with_bytes_and_caption_lists():
+    import datasets
+
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (20, 20), (0, 128, 255)).save(buffer, format="PNG")
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": buffer.getvalue(), "path": None}, {"bytes": b"junk", "path": None}],
+            "text": [["a", "b"], ["c"]],
+        }
+    ).cast_column("image", datasets.Image())
+    samples = ImageCaptionPreprocessor(8)(dataset)
+    items = list(samples)
+    assert len(items) == 1 and items[0].caption in {"a", "b"}
+    assert samples.skipped[0].source == "row 1"
+
+
+# --- few-shot ------------------------------------------------------------------------------------------
+
+
+def test_repeat_to_length_fills_a_batch_with_whole_repeats():
+    pairs = list(range(10))
+    repeated = repeat_to_length(pairs, 16)
+    assert len(repeated) == 20 and all(repeated.count(i) == 2 for i in pairs)
+    assert repeat_to_length(pairs, 8) is pairs
+    cached = CachedDataset(torch.randn(10, 1, 2, 2), {"prompt_embeds": torch.randn(10, 3, 4)})
+    loader = torch.utils.data.DataLoader(
+        repeat_to_length(cached, 16), batch_size=16, shuffle=True, drop_last=True, collate_fn=CachedDataset.collate
+    )
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["latents"].shape == (16, 1, 2, 2)
+    assert batches[0]["prompt_embeds"].shape == (16, 3, 4)
+    with pytest.raises(ValueError, match="empty"):
+        repeat_to_length([], 4)
+
+
+# --- prompts and teacher data --------------------------------------------------------------------------
+
+
+def test_read_prompts_skips_comments_and_blanks(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# my prompts\n a red cube \n\n#skip\nblue sky\n   \n")
+    assert read_prompts(path) == ["a red cube", "blue sky"]
+    path.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(path)
+    with pytest.raises(FileNotFoundError):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_teacher_images_are_written_loaded_and_cached(pipe, tmp_path):
+    out = tmp_path / "teacher"
+    settings = {"height": 32, "width": 32, "num_inference_steps": 2, "batch_size": 2, "show_progress": False}
+    prompts = ["a red cube", "a blue sphere", "a green cone"]
+    assert generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **settings) == out
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 6
+    dataset = load(out, tmp_path)
+    assert len(dataset) == 6 and sorted(dataset["text"]) == sorted(p for p in prompts for _ in range(2))
+    assert dataset[0]["image"].size == (32, 32)
+    mtimes = {f.name: f.stat().st_mtime_ns for f in files}
+
+    generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **settings)  # same settings: nothing redone
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")} == mtimes
+
+    # Per-image seeds do not depend on batching: image 3 alone, with batch size 1, is the same image.
+    single = generate_teacher_images(
+        pipe, prompts, tmp_path / "single", images_per_prompt=2, **{**settings, "batch_size": 1}
+    )
+    assert np.array_equal(np.asarray(Image.open(single / "000003.png")), np.asarray(Image.open(out / "000003.png")))
+
+    generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **{**settings, "num_inference_steps": 3})
+    assert all(f.stat().st_mtime_ns != mtimes[f.name] for f in out.glob("*.png"))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert {entry["num_inference_steps"] for entry in manifest.values()} == {3}
+
+    # Fewer prompts: the surplus images are removed; the kept ones are not redone.
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
+    generate_teacher_images(pipe, prompts[:2], out, images_per_prompt=2, **{**settings, "num_inference_steps": 3})
+    after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
+    assert after == {name: before[name] for name in after} and len(after) == 4
+    assert len(load(out, tmp_path)) == 4
+
+
+# --- latent and text cache -----------------------------------------------------------------------------
+
+
+def flux_encoders(pipe):
+    vae = pipe.vae
+
+    def encode_images(pixels):
+        latents = vae.encode(pixels).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def encode_prompts(prompts):
+        prompt_embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    return encode_images, encode_prompts
+
+
+def test_cache_round_trip_equals_recomputation_and_fingerprint_mismatch_recomputes(pipe, tmp_path, caplog):
+    folder = write_image_folder(tmp_path / "data", n=5, size=(40, 40))
+    samples = ImageCaptionPreprocessor(32, center_crop=True)(load(folder, tmp_path))
+    calls = []
+    encode_images, encode_prompts = flux_encoders(pipe)
+
+    def counting_encode_images(pixels):
+        calls.append(len(pixels))
+        return encode_images(pixels)
+
+    kwargs = {"encode_images": counting_encode_images, "encode_prompts": encode_prompts, "batch_size": 2}
+    kwargs["show_progress"] = False
+    path = tmp_path / "cache" / "latents.safetensors"
+    fingerprint = make_fingerprint(model="tiny", resolution=32)
+
+    first = cache_latents_and_embeddings(samples, cache_path=path, fingerprint=fingerprint, **kwargs)
+    assert calls == [2, 2, 1] and path.is_file()
+    assert len(first) == 5 and first.latents.shape == (5, 1, 32, 32)
+    assert first.text["prompt_embeds"].shape == (5, 16, 32) and first.text["pooled_prompt_embeds"].shape == (5, 32)
+    assert first.captions == [f"caption {i}" for i in range(5)]
+    assert not first.latents.requires_grad
+
+    reloaded = cache_latents_and_embeddings(samples, cache_path=path, fingerprint=fingerprint, **kwargs)
+    assert calls == [2, 2, 1]  # loaded, not recomputed
+    recomputed = cache_latents_and_embeddings(samples, **kwargs)
+    for dataset in (reloaded, recomputed):
+        assert torch.equal(dataset.latents, first.latents)
+        assert dataset.text.keys() == first.text.keys()
+        assert all(torch.equal(dataset.text[key], first.text[key]) for key in first.text)
+        assert dataset.captions == first.captions
+
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.data"):
+        cache_latents_and_embeddings(
+            samples, cache_path=path, fingerprint=make_fingerprint(model="tiny", resolution=64), **kwargs
+        )
+    assert calls == [2, 2, 1] * 3 and "recomputing" in caplog.text
+
+    batch = CachedDataset.collate([first[0], first[3]])
+    assert batch["latents"].shape == (2, 1, 32, 32) and torch.equal(
+        batch["prompt_embeds"][1], first.text["prompt_embeds"][3]
+    )
+    with pytest.raises(ValueError, match="fingerprint"):
+        cache_latents_and_embeddings(samples, cache_path=path, **kwargs)
+
+
+def test_cache_checks_encoder_output_rows():
+    samples = [(torch.zeros(3, 4, 4), "a"), (torch.zeros(3, 4, 4), "b")]
+    with pytest.raises(ValueError, match="text_ids"):
+        cache_latents_and_embeddings(
+            samples,
+            encode_images=lambda pixels: pixels[:, :1],
+            encode_prompts=lambda prompts: {"text_ids": torch.zeros(7, 3)},
+            batch_size=2,
+            show_progress=False,
+        )
