@@ -41,6 +41,8 @@ SETTINGS_NAME = "scfm_settings.json"
 SCHEDULER_SUBFOLDER = "scheduler"
 IMAGES_SUBFOLDER = "images"
 _ADAPTER_PLACEHOLDER = "path/to/this/adapter"
+#: Work folders the training script keeps below its output folder; never uploaded with the adapter.
+WORK_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "validation/**")
 
 
 @dataclass
@@ -305,8 +307,12 @@ def push_adapter(
     token: str | None = None,
     private: bool = False,
     commit_message: str = "Upload SCFM adapter",
+    ignore_patterns: tuple[str, ...] = WORK_PATTERNS,
 ) -> str:
     """Create (or reuse) the Hub model repository ``repo_id`` and upload the whole adapter folder.
+
+    The training script's work folders below it (checkpoints, caches, logs: :data:`WORK_PATTERNS`) stay
+    local; everything else in the folder is uploaded.
 
     Returns:
         The URL of the commit.
@@ -319,6 +325,11 @@ def push_adapter(
         card_path.write_text(card_path.read_text().replace(_ADAPTER_PLACEHOLDER, repo_id))
     repo = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     commit = upload_folder(
-        repo_id=repo.repo_id, folder_path=directory, token=token, commit_message=commit_message, repo_type="model"
+        repo_id=repo.repo_id,
+        folder_path=directory,
+        token=token,
+        commit_message=commit_message,
+        repo_type="model",
+        ignore_patterns=list(ignore_patterns),
     )
     return str(commit)

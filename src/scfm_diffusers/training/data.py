@@ -251,10 +251,10 @@ class ImageCaptionPreprocessor:
         return ImageCaptionSamples(dataset, self)
 
 
-def _open_image(entry: Any) -> tuple[PIL.Image.Image, str | None]:
-    """Open an undecoded ``datasets.Image`` entry (``{"bytes", "path"}``) or a path; returns (image, path)."""
+def _open_image(entry: Any) -> PIL.Image.Image:
+    """Open an undecoded ``datasets.Image`` entry (``{"bytes": ..., "path": ...}``), a path or a PIL image."""
     if isinstance(entry, PIL.Image.Image):
-        return entry, getattr(entry, "filename", None) or None
+        return entry
     if isinstance(entry, (str, os.PathLike)):
         entry = {"bytes": None, "path": str(entry)}
     if not isinstance(entry, Mapping):
@@ -263,7 +263,7 @@ def _open_image(entry: Any) -> tuple[PIL.Image.Image, str | None]:
     data = entry.get("bytes")
     image = PIL.Image.open(io.BytesIO(data)) if data is not None else PIL.Image.open(path)
     image.load()  # PIL is lazy too: a truncated file only fails here
-    return image, path
+    return image
 
 
 class ImageCaptionSamples:
@@ -309,8 +309,7 @@ class ImageCaptionSamples:
         for index, row in enumerate(self.dataset):
             entry = row[image_column]
             try:
-                image, _ = _open_image(entry)
-                pixels = self.preprocessor.transform(image)
+                pixels = self.preprocessor.transform(_open_image(entry))
             except _UNREADABLE_ERRORS as error:
                 path = entry.get("path") if isinstance(entry, Mapping) else entry
                 source = str(path) if path else f"row {index}"
@@ -376,8 +375,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def _tmp_path(path: Path) -> Path:
+    """A sibling temporary name, unique per process, for write-then-rename (a crash never leaves half a file)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -481,7 +485,7 @@ def generate_teacher_images(
                     prompt=[wanted[name]["prompt"] for name in names], generator=generators, **call_kwargs
                 ).images
                 for name, image in zip(names, images, strict=True):
-                    tmp = output_dir / (name + ".tmp")
+                    tmp = _tmp_path(output_dir / name)
                     image.save(tmp, format="PNG")
                     os.replace(tmp, output_dir / name)
                     manifest[name] = wanted[name]
@@ -552,7 +556,7 @@ class CachedDataset(torch.utils.data.Dataset):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"latents": self.latents, **{f"text.{key}": value for key, value in self.text.items()}}
         metadata = {"fingerprint": fingerprint, "captions": json.dumps(self.captions)}
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = _tmp_path(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
 
