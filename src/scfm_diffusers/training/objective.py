@@ -105,9 +105,11 @@ def scfm_loss(
 ) -> SCFMLossOutput:
     """The SCFM training loss for one batch.
 
-    ``x_σ = (1 − σ)·x0 + σ·ε``. Targets (no grad): teacher rows use :func:`scfm_target` with
-    ``first=teacher``, self rows with ``first=fast_ema``, both with ``second=slow_ema``; flow-matching rows
-    use ``ε − x0``. Each target callable only sees its own rows and is skipped when they are empty.
+    ``x_σ = (1 − σ)·x0 + σ·ε``. Targets (no grad, :func:`scfm_target`): the first half-step of teacher rows
+    is taken by ``teacher``, of self rows by ``fast_ema``; the second half-step of all of them by ONE
+    ``slow_ema`` call; flow-matching rows use ``ε − x0``. Each first-step callable only sees its own rows
+    and is skipped when they are empty. Per step that is two no-grad forwards of the batch plus the
+    student's forward and backward: the method's floor.
     Then ``v_s = student(x_σ, σ, all rows)`` and ``loss = mean((v_s − target)²)`` over all elements.
 
     All target passes run before the student pass: the callables may switch adapters on one shared
@@ -136,13 +138,19 @@ def scfm_loss(
     x0_, noise_ = x0.to(dtype), noise.to(dtype)
     x_sigma = (1 - _per_sample(sigma, x0_)) * x0_ + _per_sample(sigma, x0_) * noise_
 
+    def first(x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # Teacher rows take their first half-step with the teacher, self rows with the fast EMA.
+        out = torch.empty_like(x)
+        from_teacher = steps.is_teacher[rows]
+        for mask, velocity in ((from_teacher, teacher), (~from_teacher, fast_ema)):
+            if mask.any():
+                out[mask] = velocity(x[mask], s[mask], rows[mask]).to(out.dtype)
+        return out
+
     target = torch.empty_like(x_sigma)
-    for mask, first in ((steps.is_teacher, teacher), (steps.is_self, fast_ema)):
-        rows = mask.nonzero().squeeze(1)
-        if rows.numel():
-            target[rows] = scfm_target(
-                x_sigma[rows], sigma[rows], steps.d1[rows], steps.d2[rows], first, slow_ema, rows
-            )
+    rows = (~steps.is_flow_matching).nonzero().squeeze(1)
+    if rows.numel():  # one slow-EMA pass serves the second half-step of teacher and self rows alike
+        target[rows] = scfm_target(x_sigma[rows], sigma[rows], steps.d1[rows], steps.d2[rows], first, slow_ema, rows)
     fm_rows = steps.is_flow_matching
     target[fm_rows] = (noise_[fm_rows] - x0_[fm_rows]).detach()
 
