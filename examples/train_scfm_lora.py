@@ -391,6 +391,11 @@ def main(args: argparse.Namespace) -> Path:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+    max_grad_norm = args.max_grad_norm or family.max_grad_norm
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips in its own step: give it ours
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = max_grad_norm
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
@@ -417,7 +422,6 @@ def main(args: argparse.Namespace) -> Path:
 
     # 2.5 Training loop: one call to the objective per step.
     grid = grid_config(args, family)
-    max_grad_norm = args.max_grad_norm or family.max_grad_norm
     image_seq_len = family.image_seq_len(cached.latents[:1])
     has_guidance = getattr(transformer.config, "guidance_embeds", False)
     progress = tqdm(

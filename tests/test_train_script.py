@@ -1,0 +1,491 @@
+"""The contract of examples/train_scfm_lora.py: launchers, adapter folder, resume, bad input, configs, flags.
+
+End-to-end runs use the tiny saved pipelines of conftest.py and a session-scoped folder of random PNGs. Runs
+where the launcher matters go through `accelerate launch` subprocesses; error paths call
+``main(parse_args([...]))`` in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scfm_diffusers import FlowMatchSCFMScheduler
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_scfm_lora.py"
+CONFIGS = REPO / "examples" / "configs"
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# One valid non-default value per GridSamplerConfig field (each given alone).
+NON_DEFAULT_GRID = {
+    "teacher_ratio": 0.5,
+    "flow_matching_ratio": 0.1,
+    "teacher_grid_size_min": 16,
+    "teacher_grid_size_max": 64,
+    "self_grid_sizes": (2, 4),
+    "shift_min": 2.0,
+    "shift_max": 5.0,
+    "dynamic_shift_prob": 0.3,
+    "base_shift": 0.4,
+    "max_shift": 1.2,
+    "base_image_seq_len": 128,
+    "max_image_seq_len": 2048,
+    "max_sigma": 0.999,
+}
+RESOLUTION = {
+    "flux": 32,
+    "sd3": 16,
+}  # the tiny VAEs do not downsample: 32 px Flux → 256 packed tokens, 16 px SD3 → 256
+NUM_IMAGES = 8
+# The cheapest settings that still run every part of the objective.
+TINY = [
+    "--max_sequence_length", "8",
+    "--rank", "4",
+    "--lora_alpha", "8",
+    "--teacher_grid_size_min", "4",
+    "--teacher_grid_size_max", "4",
+    "--report_to", "none",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------
+def _write_image_folder(folder: Path, num_good: int, num_garbage: int = 0, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(num_good):
+        name = f"good_{index}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / name)
+        rows.append({"file_name": name, "text": f"a random picture number {index}"})
+    for index in range(num_garbage):
+        name = f"garbage_{index}.png"
+        (folder / name).write_bytes(b"this is not a png" * (index + 1))
+        rows.append({"file_name": name, "text": f"a broken picture number {index}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """~8 random PNGs (40×36, so every resolution crops) with a metadata.jsonl of captions."""
+    return _write_image_folder(tmp_path_factory.mktemp("images"), NUM_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def train_script():
+    """The example script as a module (it is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_scfm_lora", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_args(pipeline: str, data: Path, output_dir: Path, family: str = "flux", *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(pipeline),
+        "--train_data_dir", str(data),
+        "--output_dir", str(output_dir),
+        "--resolution", str(RESOLUTION[family]),
+        *TINY,
+        *extra,
+    ]  # fmt: skip
+
+
+def launch(launcher: list[str], argv: list[str], env: dict | None = None, timeout: int = 480) -> str:
+    """`accelerate launch <launcher> examples/train_scfm_lora.py <argv>`; fails the test with the log tail."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    result = subprocess.run(
+        [ACCELERATE, "launch", *launcher, str(SCRIPT), *argv],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"accelerate launch failed ({result.returncode}):\n{log[-6000:]}"
+    return log
+
+
+def checkpoints(output_dir: Path) -> list[str]:
+    return sorted((p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def stock_pipeline(family: str, pipeline_dir: str):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    pipe = cls.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, output_dir: Path, family: str) -> torch.Tensor:
+    """One image from a stock pipeline with the adapter's SCFM scheduler and recommended settings."""
+    settings = json.loads((output_dir / "scfm_settings.json").read_text())
+    pipe.scheduler = FlowMatchSCFMScheduler.from_pretrained(output_dir / "scheduler")
+    return pipe(
+        "a red square on a blue sky",
+        num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["guidance_scale"],
+        height=RESOLUTION[family],
+        width=RESOLUTION[family],
+        max_sequence_length=8,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+def assert_adapter_changes_stock_output(family: str, pipeline_dir: str, output_dir: Path) -> None:
+    """The adapter folder loads into a STOCK diffusers pipeline and changes its output (same seed, same scheduler)."""
+    pipe = stock_pipeline(family, pipeline_dir)
+    base = sample(pipe, output_dir, family)
+    pipe.load_lora_weights(output_dir)
+    with_lora = sample(pipe, output_dir, family)
+    assert torch.isfinite(with_lora).all()
+    assert (with_lora - base).abs().max() > 1e-4, "the trained adapter does not change the stock pipeline's output"
+
+
+def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "pytorch_lora_weights.safetensors")
+
+
+def assert_adapter_is_student(output_dir: Path, checkpoint: Path) -> None:
+    """With --save_weights student, the adapter file holds exactly the student of the final checkpoint."""
+    state = load_file(checkpoint / "scfm_state.safetensors")
+    weights = adapter_weights(output_dir)
+    student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    assert student and {f"transformer.{k}" for k in student} == set(weights)
+    for key, value in student.items():
+        torch.testing.assert_close(weights[f"transformer.{key}"].float(), value, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. One process, both families: a stock pipeline loads the adapter folder
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_single_process_run_writes_a_stock_loadable_adapter(family, saved_pipelines, image_folder, tmp_path):
+    output_dir = tmp_path / "out"
+    argv = script_args(
+        saved_pipelines[family],
+        image_folder,
+        output_dir,
+        family,
+        "--use_8bit_adam",
+        "--gradient_checkpointing",
+        "--train_batch_size", "2",
+        "--max_train_steps", "3",
+        "--learning_rate", "1e-3",
+        "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2",
+        "--validation_prompt", "a red square",
+        "--validation_steps", "2",
+    )  # fmt: skip
+    launch(["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"], argv)
+
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "scfm_settings.json",
+        "README.md",
+        "scheduler/scheduler_config.json",
+    ):
+        assert (output_dir / name).is_file(), f"{name} missing from the adapter folder"
+    settings = json.loads((output_dir / "scfm_settings.json").read_text())
+    assert settings["family"] == family
+    assert settings["training"]["steps"] == 3 and settings["training"]["rank"] == 4
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "FlowMatchSCFMScheduler"
+    # --checkpoints_total_limit 2 with a checkpoint every step: only the newest two remain.
+    assert checkpoints(output_dir) == ["checkpoint-2", "checkpoint-3"]
+    for name in ("scfm_state.safetensors", "scfm_run.json", "scfm_rng_0.pt"):
+        assert (output_dir / "checkpoint-3" / name).is_file()
+    # Validation images at step 2 and at the end.
+    assert sorted(p.name for p in (output_dir / "validation").glob("*.png")) == [
+        "step000002_0.png",
+        "step000003_0.png",
+    ]
+
+    assert_adapter_is_student(output_dir, output_dir / "checkpoint-3")
+    assert_adapter_changes_stock_output(family, saved_pipelines[family], output_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Resume: 2N steps in one run == N steps, then --resume_from_checkpoint latest for N more
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(train_script, saved_pipelines, image_folder, tmp_path):
+    # 8 images, batch 2 → 4 batches per epoch: resuming at step 3 falls mid-epoch, and the run crosses into epoch 1.
+    n = 3
+
+    def run(output_dir: Path, steps: int, *extra: str) -> Path:
+        argv = script_args(
+            saved_pipelines["flux"],
+            image_folder,
+            output_dir,
+            "flux",
+            "--train_batch_size", "2",
+            "--max_train_steps", str(steps),
+            "--checkpointing_steps", str(n),
+            "--learning_rate", "1e-3",
+            "--fast_ema_decay", "0.5",
+            "--slow_ema_decay", "0.9",
+            "--seed", "7",
+            *extra,
+        )  # fmt: skip
+        return train_script.main(train_script.parse_args(argv))
+
+    straight = run(tmp_path / "straight", 2 * n)
+    resumed = tmp_path / "resumed"
+    run(resumed, n)
+    assert checkpoints(resumed) == [f"checkpoint-{n}"]
+    run(resumed, 2 * n, "--resume_from_checkpoint", "latest")
+    assert checkpoints(straight) == checkpoints(resumed) == [f"checkpoint-{n}", f"checkpoint-{2 * n}"]
+
+    a = load_file(straight / f"checkpoint-{2 * n}" / "scfm_state.safetensors")
+    b = load_file(resumed / f"checkpoint-{2 * n}" / "scfm_state.safetensors")
+    assert a.keys() == b.keys()
+    for prefix in ("student.", "fast.", "slow."):  # the student LoRA and BOTH EMAs
+        keys = [k for k in a if k.startswith(prefix)]
+        assert keys, f"no {prefix} tensors in the checkpoint"
+        for key in keys:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    # The run did train: the student and the EMAs moved away from each other.
+    student = [k for k in a if k.startswith("student.") and "lora_B" in k]
+    assert any(a[k].abs().max() > 0 for k in student)
+    assert any(not torch.equal(a[k], a["fast." + k.removeprefix("student.")]) for k in student)
+    wa, wb = adapter_weights(straight), adapter_weights(resumed)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Distributed launchers on CPU: two-process DDP (gloo) and one-process DeepSpeed ZeRO-2
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(saved_pipelines, image_folder, tmp_path):
+    output_dir = tmp_path / "out"
+    argv = script_args(
+        saved_pipelines["flux"],
+        image_folder,
+        output_dir,
+        "flux",
+        "--train_batch_size", "2",
+        "--max_train_steps", "2",
+        "--learning_rate", "1e-3",
+        "--checkpointing_steps", "2",
+    )  # fmt: skip
+    launch(
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"],
+        argv,
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
+    # Both ranks ran: each saved its sampling RNG, and the recorded global batch is 2 per process × 2.
+    assert {p.name for p in (output_dir / "checkpoint-2").glob("scfm_rng_*.pt")} == {"scfm_rng_0.pt", "scfm_rng_1.pt"}
+    assert json.loads((output_dir / "scfm_settings.json").read_text())["training"]["batch_size"] == 4
+    assert_adapter_is_student(output_dir, output_dir / "checkpoint-2")
+    assert_adapter_changes_stock_output("flux", saved_pipelines["flux"], output_dir)
+
+
+@pytest.mark.slow
+def test_one_process_deepspeed_zero2_on_cpu(saved_pipelines, image_folder, tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (the Makefile installs it)")
+    output_dir = tmp_path / "out"
+    argv = script_args(
+        saved_pipelines["flux"],
+        image_folder,
+        output_dir,
+        "flux",
+        "--train_batch_size", "2",
+        "--max_train_steps", "2",
+        "--learning_rate", "1e-3",
+        "--checkpointing_steps", "2",
+    )  # fmt: skip
+    # No --cpu here: accelerate's --cpu bypasses the DeepSpeed launcher; DeepSpeed finds no GPU and uses its CPU
+    # accelerator (the first run JIT-compiles its shared-memory comm extension).
+    launch(["--config_file", str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1"], argv, timeout=560)
+    # DeepSpeed really ran: the engine wrote its own model/optimizer state next to the script's SCFM state.
+    checkpoint = output_dir / "checkpoint-2"
+    assert (checkpoint / "pytorch_model").is_dir(), sorted(p.name for p in checkpoint.iterdir())
+    assert (checkpoint / "scfm_state.safetensors").is_file()
+    assert_adapter_is_student(output_dir, checkpoint)
+    assert_adapter_changes_stock_output("flux", saved_pipelines["flux"], output_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Bad input stops early with a clear message
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("class_name", ["DDPMPipeline", "StableDiffusionPipeline"])
+def test_unsupported_model_family(train_script, image_folder, tmp_path, class_name):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.42.1"}))
+    args = train_script.parse_args(script_args(str(model), image_folder, tmp_path / "out"))
+    with pytest.raises(ValueError, match=rf"{class_name}.*not a supported flow-matching model family"):
+        train_script.main(args)
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--caption_column", "--image_column"])
+def test_missing_dataset_column(train_script, saved_pipelines, image_folder, tmp_path, flag):
+    args = train_script.parse_args(
+        script_args(saved_pipelines["flux"], image_folder, tmp_path / "out", "flux", flag, "nope")
+    )
+    with pytest.raises(ValueError, match=rf"Column 'nope' not found.*{flag}"):
+        train_script.main(args)
+
+
+def test_unreadable_images_are_skipped_and_counted(train_script, saved_pipelines, tmp_path, caplog):
+    data = _write_image_folder(tmp_path / "data", num_good=4, num_garbage=1)
+    args = train_script.parse_args(
+        script_args(
+            saved_pipelines["flux"],
+            data,
+            tmp_path / "out",
+            "flux",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "1",
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        output_dir = train_script.main(args)
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert re.search(r"Skipped 1 unreadable images, e\.g\. .*garbage_0\.png", caplog.text), caplog.text
+    assert len(load_file(output_dir / "cache" / "latents.safetensors")["latents"]) == 4
+
+
+def test_all_images_unreadable(train_script, saved_pipelines, tmp_path):
+    data = _write_image_folder(tmp_path / "data", num_good=0, num_garbage=3)
+    args = train_script.parse_args(script_args(saved_pipelines["flux"], data, tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"All 3 images of the dataset are unreadable.*garbage_0\.png"):
+        train_script.main(args)
+
+
+def test_non_finite_loss_stops_before_the_update(train_script, saved_pipelines, image_folder, tmp_path):
+    # Adam moves every LoRA weight by ~lr per step: after one step at lr 1e30 the next forward overflows.
+    output_dir = tmp_path / "out"
+    argv = script_args(
+        saved_pipelines["flux"],
+        image_folder,
+        output_dir,
+        "flux",
+        "--train_batch_size", "2",
+        "--max_train_steps", "4",
+        "--checkpointing_steps", "1",
+        "--learning_rate", "1e30",
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss .* at step 1.*checkpoint-1"):
+        train_script.main(train_script.parse_args(argv))
+    assert checkpoints(output_dir) == ["checkpoint-1"]  # the last good checkpoint is kept, nothing after it
+    state = load_file(output_dir / "checkpoint-1" / "scfm_state.safetensors")
+    assert all(torch.isfinite(v).all() for k, v in state.items() if not k.startswith("student."))
+    assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_missing_resume_folder_is_an_argparse_error(train_script, saved_pipelines, image_folder, tmp_path, capsys):
+    missing = tmp_path / "out" / "checkpoint-123"
+    with pytest.raises(SystemExit) as error:
+        train_script.parse_args(
+            script_args(
+                saved_pipelines["flux"],
+                image_folder,
+                tmp_path / "out",
+                "flux",
+                "--resume_from_checkpoint",
+                str(missing),
+            )
+        )
+    assert error.value.code == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_run_is_refused(train_script, saved_pipelines, image_folder, tmp_path):
+    output_dir = tmp_path / "out"
+    common = ["--train_batch_size", "2", "--max_train_steps", "1"]
+    train_script.main(
+        train_script.parse_args(script_args(saved_pipelines["flux"], image_folder, output_dir, "flux", *common))
+    )
+    assert checkpoints(output_dir) == ["checkpoint-1"]
+    argv = script_args(
+        saved_pipelines["flux"], image_folder, output_dir, "flux", *common, "--resume_from_checkpoint", "latest"
+    )
+    argv[argv.index("--rank") + 1] = "8"
+    with pytest.raises(ValueError, match="checkpoint of another run"):
+        train_script.main(train_script.parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. accelerate / DeepSpeed config files
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("single_gpu.yaml", "NO"), ("multi_gpu.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED")],
+)
+def test_accelerate_configs(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = CONFIGS / name
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] == distributed_type
+    assert config["compute_environment"] == "LOCAL_MACHINE"
+    assert load_config_from_file(str(path)).distributed_type == distributed_type  # accelerate itself accepts it
+    if distributed_type == "MULTI_GPU":
+        assert config["num_processes"] == 8
+    if distributed_type == "DEEPSPEED":
+        ds_file = config["deepspeed_config"]["deepspeed_config_file"]
+        ds = json.loads((REPO / ds_file).read_text())
+        assert ds["zero_optimization"]["stage"] == 2
+        # Everything the script's flags decide is left to accelerate ("auto"), so the two never disagree.
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+            assert ds[key] == "auto", key
+        # Set in the json, these keys must not be repeated in the yaml (accelerate refuses both).
+        assert not {"zero_stage", "gradient_accumulation_steps", "gradient_clipping"} & set(config["deepspeed_config"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Every flag is read
+# ---------------------------------------------------------------------------------------------------------
+def test_every_flag_is_read(train_script, tmp_path):
+    from scfm_diffusers.training.timesteps import GridSamplerConfig
+    from scfm_diffusers.training.velocity import get_training_family
+
+    args = train_script.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)])
+    source = SCRIPT.read_text()
+    grid_fields = {f.name: f for f in dataclasses.fields(GridSamplerConfig)}
+    unread = [d for d in vars(args) if d not in grid_fields and not re.search(rf"\bargs\.{d}\b", source)]
+    assert not unread, f"flags parsed but never read by the script: {unread}"
+
+    # The GridSamplerConfig flags are read by grid_config: each given value reaches the objective's config.
+    family = get_training_family("flux")
+    assert (
+        dataclasses.asdict(train_script.grid_config(args, family))["dynamic_shift_prob"] == family.dynamic_shift_prob
+    )
+    defaults = GridSamplerConfig()
+    assert NON_DEFAULT_GRID.keys() == grid_fields.keys(), "add the new GridSamplerConfig field to NON_DEFAULT_GRID"
+    base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
+    for name, value in NON_DEFAULT_GRID.items():
+        assert getattr(args, name) is None, f"--{name} must default to None (family / method defaults apply)"
+        assert value != getattr(defaults, name)
+        words = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+        got = getattr(train_script.grid_config(train_script.parse_args([*base, f"--{name}", *words]), family), name)
+        assert got == value and type(got) is type(getattr(defaults, name)), f"--{name}: got {got!r}, gave {value!r}"
