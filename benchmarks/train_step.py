@@ -109,13 +109,6 @@ def make_step(args, variant: str):
     velocity = family.velocity_fn(transformer, text, latents.shape, guidance=guidance)
     grid = GridSamplerConfig(dynamic_shift_prob=0.0)
 
-    def in_context(context):
-        def run(x, s, r):
-            with context():
-                return velocity(x, s, r)
-
-        return run
-
     def step() -> float:
         noise = torch.randn_like(x0)
         sync(args)
@@ -133,9 +126,9 @@ def make_step(args, variant: str):
             steps = sample_grid_steps(len(x0), grid).to(args.device)
             loss = scfm_loss(
                 student=velocity,
-                teacher=in_context(ema.teacher),
-                fast_ema=in_context(ema.fast),
-                slow_ema=in_context(ema.slow),
+                teacher=ema.wrap("teacher", velocity),
+                fast_ema=ema.wrap("fast", velocity),
+                slow_ema=ema.wrap("slow", velocity),
                 x0=x0,
                 noise=noise,
                 steps=steps,

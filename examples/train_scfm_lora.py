@@ -451,9 +451,9 @@ def main(args: argparse.Namespace) -> Path:
                 target = family.velocity_fn(transformer, text, latents.shape, **options)  # unwrapped, no grad
                 out = scfm_loss(
                     student=family.velocity_fn(model, text, latents.shape, **options),
-                    teacher=in_context(ema.teacher, target),
-                    fast_ema=in_context(ema.fast, target),
-                    slow_ema=in_context(ema.slow, target),
+                    teacher=ema.wrap("teacher", target),
+                    fast_ema=ema.wrap("fast", target),
+                    slow_ema=ema.wrap("slow", target),
                     x0=x0,
                     noise=noise,
                     steps=steps,
@@ -618,16 +618,6 @@ def validate(args, pipe, transformer, text, uncond, family, accelerator, step: i
                 "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
             )
     return images
-
-
-def in_context(context, velocity):
-    """Run ``velocity`` inside an adapter context of the EMA (teacher / fast / slow); the student is restored after."""
-
-    def wrapped(x, sigma, rows):
-        with context():
-            return velocity(x, sigma, rows)
-
-    return wrapped
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -250,3 +250,19 @@ def test_accepts_a_ddp_style_wrapper():
     ema = DualLoraEMA(torch.nn.DataParallel(model))
     assert ema.transformer is model
     assert not any(k.startswith("module.") for k in ema.state_dict())
+
+
+def test_wrap_runs_the_velocity_in_the_context_and_restores_the_student(setup):
+    ema, base_out = setup
+    model = ema.transformer
+    perturb(lora_parameters(model, "default"), seed=1)
+    perturb(lora_parameters(model, "ema_slow"), seed=3)
+    student_out = forward(model)
+    with ema.slow():
+        slow_out = forward(model)
+    assert torch.equal(ema.wrap("teacher", forward)(model), base_out)
+    assert torch.equal(ema.wrap("slow", forward)(model), slow_out)
+    assert torch.equal(forward(model), student_out)
+    assert_trainable_state(ema)
+    with pytest.raises(ValueError, match="Expected one of"):
+        ema.wrap("medium", forward)

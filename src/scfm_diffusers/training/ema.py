@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
@@ -169,6 +169,21 @@ class DualLoraEMA:
             yield self.transformer
         finally:
             self._activate_student()
+
+    def wrap(self, which: Which, velocity: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``velocity`` run inside :meth:`use` ``(which)`` on every call: a target callable for the objective.
+
+        Example:
+            ``scfm_loss(teacher=ema.wrap("teacher", v), fast_ema=ema.wrap("fast", v), slow_ema=ema.wrap("slow", v), ...)``
+        """
+        if which != "teacher":
+            self._names(which)  # fail at wrap time, not inside the training step
+
+        def wrapped(*args, **kwargs):
+            with self.use(which):
+                return velocity(*args, **kwargs)
+
+        return wrapped
 
     def teacher(self) -> AbstractContextManager[nn.Module]:
         """Context: the base model, all adapters disabled. See :meth:`use`."""
