@@ -256,7 +256,8 @@ image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={se
 
 
 def _is_local(adapter: str | os.PathLike) -> bool:
-    return Path(adapter).exists() or str(adapter).startswith((".", "/", "~")) or os.sep + os.sep in str(adapter)
+    """A path that exists or is spelled as a path (./x, /x, ~/x) is local; anything else is a Hub id."""
+    return isinstance(adapter, Path) or Path(adapter).exists() or str(adapter).startswith((".", "/", "~"))
 
 
 def load_adapter_settings(
