@@ -7,8 +7,8 @@ memory reference. All variants run interleaved in ONE process (time) and each in
 (peak memory: CUDA max_memory_allocated, or peak RSS on CPU), so ratios are measured side by side.
 
     python benchmarks/train_step.py                           # CPU, a small Flux transformer
-    python benchmarks/train_step.py --preset flux-dev --device cuda --dtype bf16 --resolution 512 \\
-        --rank 64 --batch_size 1 --gradient_checkpointing --use_8bit_adam   # Flux.1-dev sized, random weights
+    python benchmarks/train_step.py --preset flux-dev --device cuda --dtype bf16 --resolution 512 --text_tokens 256 \\
+        --rank 64 --batch_size 1 --steps 10 --separate_processes [--gradient_checkpointing] [--use_8bit_adam]
 """
 
 from __future__ import annotations
@@ -59,8 +59,17 @@ def build(args):
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     config = PRESETS[args.preset]
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64 if args.preset == "flux-dev" else 4, **config)
-    transformer.to(args.device, dtype).requires_grad_(False)
+    # Build directly on the device in the target dtype: a Flux.1-dev-sized model is 24 GB in bf16.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64 if args.preset == "flux-dev" else 4, **config
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    transformer.requires_grad_(False)
     family = get_training_family("flux")
     transformer.add_adapter(
         LoraConfig(
@@ -156,11 +165,11 @@ def sync(args):
         torch.cuda.synchronize()
 
 
-def peak_memory(args, variant: str) -> float:
-    """Peak memory (MiB) of a few steps of ``variant`` in a fresh subprocess."""
-    command = [sys.executable, __file__, "--memory_of", variant, *sys.argv[1:]]
+def run_isolated(variant: str) -> dict:
+    """Peak memory (MiB above the weights) and step times of ``variant`` in a fresh subprocess."""
+    command = [sys.executable, __file__, "--isolated_run", variant, *sys.argv[1:]]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main():
@@ -175,13 +184,18 @@ def main():
     p.add_argument("--steps", type=int, default=12, help="Timed steps per variant (after 2 warm-up steps).")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--use_8bit_adam", action="store_true")
-    p.add_argument("--memory_of", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--separate_processes",
+        action="store_true",
+        help="Time each variant in its own process too (for models too big to hold three copies, e.g. flux-dev).",
+    )
+    p.add_argument("--isolated_run", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="Write the results here too.")
     args = p.parse_args()
 
-    if args.memory_of:
+    if args.isolated_run:
         # Peak memory of training above the model's own footprint (weights loaded, before the first step).
-        step = make_step(args, args.memory_of)
+        step = make_step(args, args.isolated_run)
         if args.device == "cuda":
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -189,25 +203,27 @@ def main():
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             base = proc_status("VmRSS")
-        for _ in range(3):
-            step()
+        times = [step() for _ in range(2 + (args.steps if args.separate_processes else 1))][2:]
         peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else proc_status("VmHWM")
-        print(json.dumps({"peak_mib": (peak - base) / 2**20, "total_mib": peak / 2**20}))
+        print(json.dumps({"peak_mib": (peak - base) / 2**20, "total_mib": peak / 2**20, "times": times}))
         return
 
-    # Interleave the variants, one step at a time, so machine noise hits them alike.
-    steps = {v: make_step(args, v) for v in VARIANTS}
-    timings = {v: [] for v in VARIANTS}
-    for _ in range(2):  # warm-up
-        for v in VARIANTS:
-            steps[v]()
-    for _ in range(args.steps):
-        for v in VARIANTS:
-            timings[v].append(steps[v]())
+    isolated = {v: run_isolated(v) for v in VARIANTS}
+    memory = {v: isolated[v]["peak_mib"] for v in VARIANTS}
+    if args.separate_processes:
+        timings = {v: isolated[v]["times"] for v in VARIANTS}
+    else:  # interleave the variants, one step at a time, so machine noise hits them alike
+        steps = {v: make_step(args, v) for v in VARIANTS}
+        timings = {v: [] for v in VARIANTS}
+        for _ in range(2):  # warm-up
+            for v in VARIANTS:
+                steps[v]()
+        for _ in range(args.steps):
+            for v in VARIANTS:
+                timings[v].append(steps[v]())
     median = {v: statistics.median(t) for v, t in timings.items()}
-    memory = {v: peak_memory(args, v) for v in VARIANTS}
     result = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("memory_of", "json")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("isolated_run", "json")},
         "median_step_s": median,
         "scfm_over_floor": median["scfm"] / median["floor"],
         "scfm_over_lora_fm_time": median["scfm"] / median["lora_fm"],
