@@ -277,6 +277,39 @@ def test_resume_reproduces_an_uninterrupted_run(train_script, saved_pipelines, i
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6)
 
 
+def test_data_free_few_shot_run_saves_the_slow_ema(train_script, saved_pipelines, tmp_path):
+    # Data-free mode: 10 prompts, the teacher draws the pairs (10-pair few-shot), batch 16 > 10 pairs.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# digits\n" + "\n".join(f"a picture of the number {i}" for i in range(10)) + "\n")
+    argv = [
+        "--pretrained_model_name_or_path", saved_pipelines["flux"],
+        "--prompts_file", str(prompts),
+        "--teacher_num_inference_steps", "2",
+        "--output_dir", str(tmp_path / "out"),
+        "--resolution", "16",
+        *TINY,
+        "--train_batch_size", "16",
+        "--max_train_steps", "2",
+        "--checkpointing_steps", "2",
+        "--save_weights", "ema_slow",
+    ]  # fmt: skip
+    out = train_script.main(train_script.parse_args(argv))
+    teacher_data = out / "cache" / "teacher_data"
+    images = sorted(teacher_data.glob("*.png"))
+    assert len(images) == 10 and (teacher_data / "metadata.jsonl").is_file()
+    state = load_file(out / "checkpoint-2" / "scfm_state.safetensors")
+    weights = adapter_weights(out)
+    slow = {k.removeprefix("slow."): v for k, v in state.items() if k.startswith("slow.")}
+    assert {f"transformer.{k}" for k in slow} == set(weights)
+    for key, value in slow.items():
+        torch.testing.assert_close(weights[f"transformer.{key}"].float(), value, rtol=0, atol=0)
+    # A second run reuses the teacher's images (cached) instead of drawing them again.
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
+    train_script.main(train_script.parse_args([*argv, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"]))
+    assert [p.stat().st_mtime_ns for p in images] == mtimes
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Distributed launchers on CPU: two-process DDP (gloo) and one-process DeepSpeed ZeRO-2
 # ---------------------------------------------------------------------------------------------------------
