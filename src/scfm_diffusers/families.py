@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-__all__ = ["FAMILIES", "ModelFamily", "family_of_class_name", "family_of_pipeline", "family_of_transformer", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "family_of_class_name",
+    "family_of_pipeline",
+    "family_of_transformer",
+    "get_family",
+]
 
 
 @dataclass(frozen=True)

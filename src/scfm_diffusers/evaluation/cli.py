@@ -1,0 +1,254 @@
+"""``scfm-eval``: measure a base model and its few-step adapters against the base model's many-step samples.
+
+For a Flux or SD3 base model, ``num_images`` (prompt, seed) pairs are sampled by:
+
+1. the teacher (the base model, its own scheduler) in ``--teacher_steps`` steps: the reference;
+2. the teacher in N plain Euler steps for every N of ``--steps`` (its own scheduler, or each fixed shift of
+   ``--teacher_shifts``: report the best one as the fair baseline);
+3. every ``--adapter`` (an SCFM adapter folder or Hub id, or any baseline saved the same way) in N steps
+   with its stored shift, guidance and LoRA scale (``--shift``/``--lora_scale`` override them).
+
+Image i always starts from the noise of seed ``--seed + i``, so the paired error to the reference is
+measured from the same noise. Writes ``results.json``, ``results.md``, ``grid.png`` and
+``quality_vs_steps.png`` to ``--output_dir`` and prints the table.
+
+Example (one GPU)::
+
+    scfm-eval --base_model black-forest-labs/FLUX.1-dev --adapter flux-scfm-4step \\
+        --prompts_file prompts.txt --num_images 1000 --steps 3 4 8 --teacher_steps 32 \\
+        --feature_extractor clip --feature_extractor_path openai/clip-vit-large-patch14 \\
+        --clip_model_path openai/clip-vit-large-patch14 --device cuda --dtype bf16 --output_dir eval-flux
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import digits as _digits  # noqa: F401  (registers the "digits-classifier" feature extractor)
+from .harness import ReferenceSet, evaluate, fixed_shift_scheduler, generate
+from .metrics import available_feature_extractors, extract_features, get_feature_extractor
+from .report import markdown_table, write_report
+
+__all__ = ["build_feature_extractor", "load_image_folder", "main", "parse_args"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="scfm-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base_model", required=True, help="Flux or SD3 pipeline: folder or Hub id.")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="Adapter folder or Hub id, optionally NAME=PATH; repeat for several (SCFM and baselines).",
+    )
+    p.add_argument("--prompts_file", required=True, help="One prompt per line; cycled to --num_images.")
+    p.add_argument("--num_images", type=int, default=100, help="Images per sampler (>= 2 for FD).")
+    p.add_argument("--seed", type=int, default=0, help="Image i uses seed SEED + i (same noise for every sampler).")
+    p.add_argument("--steps", type=int, nargs="+", default=[3, 4, 8], help="Few-step counts to evaluate.")
+    p.add_argument("--teacher_steps", type=int, default=32, help="Steps of the reference samples.")
+    p.add_argument(
+        "--teacher_shifts",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Also sample the teacher at N steps with these fixed shifts (default: only its own scheduler).",
+    )
+    p.add_argument("--height", type=int, default=1024, help="Image height.")
+    p.add_argument("--width", type=int, default=1024, help="Image width.")
+    p.add_argument("--guidance_scale", type=float, default=None, help="Guidance for every sampler (default: each's).")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default: the pipeline's).")
+    p.add_argument("--shift", type=float, default=None, help="Override the adapters' sampling shift.")
+    p.add_argument("--lora_scale", type=float, default=None, help="Override the adapters' LoRA scale.")
+    p.add_argument(
+        "--feature_extractor",
+        default=None,
+        help=f"Registered feature extractor for FD ({', '.join(available_feature_extractors())}).",
+    )
+    p.add_argument("--feature_extractor_path", default=None, help="Weights of the feature extractor (CLIP folder/id).")
+    p.add_argument("--real_images_dir", default=None, help="Folder of real images: enables FD vs real and ΔFD.")
+    p.add_argument("--clip_model_path", default=None, help="CLIP model for the CLIP score (folder or Hub id).")
+    p.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call.")
+    p.add_argument("--latency_repeats", type=int, default=3, help="Timed single-image calls (0: skip).")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Pipeline dtype (bf16 on GPUs).")
+    p.add_argument("--grid_images", type=int, default=8, help="Columns of the image grid (0: no grid).")
+    p.add_argument("--output_dir", default="scfm-eval", help="Report folder.")
+    args = p.parse_args(argv)
+    if args.num_images < 2 and args.feature_extractor:
+        p.error("--num_images must be >= 2 for Fréchet distances.")
+    return args
+
+
+def build_feature_extractor(name: str, path: str | None = None, device: str | None = None) -> Any:
+    """Build a registered extractor, passing ``path`` as its ``model_path`` or ``path`` argument."""
+    from .metrics import _FEATURE_EXTRACTORS
+
+    kwargs: dict[str, Any] = {}
+    if name in _FEATURE_EXTRACTORS:
+        params = inspect.signature(_FEATURE_EXTRACTORS[name]).parameters
+        if path is not None:
+            key = "model_path" if "model_path" in params else "path"
+            kwargs[key] = path
+        if device is not None and "device" in params:
+            kwargs["device"] = device
+    return get_feature_extractor(name, **kwargs)
+
+
+def load_image_folder(folder: str | Path, height: int, width: int) -> torch.Tensor:
+    """All images below ``folder`` as ``(N, 3, height, width)`` float in [0, 1] (bicubic resize)."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found below {str(folder)!r}.")
+    arrays = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB").resize((width, height), PIL.Image.BICUBIC)))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _adapter_name_and_path(spec: str) -> tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, path
+    return Path(spec.rstrip("/")).name or spec, spec
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``scfm-eval``; returns the JSON payload it writes."""
+    from diffusers import DiffusionPipeline
+
+    from ..pipeline_scfm import SCFMPipeline
+    from ..training.data import read_prompts
+
+    args = parse_args(argv)
+    start = time.perf_counter()
+    prompt_list = read_prompts(args.prompts_file)
+    prompts = [prompt_list[i % len(prompt_list)] for i in range(args.num_images)]
+    seeds = [args.seed + i for i in range(args.num_images)]
+    pipe = DiffusionPipeline.from_pretrained(args.base_model, torch_dtype=DTYPES[args.dtype]).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    common: dict[str, Any] = {}
+    if args.guidance_scale is not None:
+        common["guidance_scale"] = args.guidance_scale
+    if args.max_sequence_length is not None:
+        common["max_sequence_length"] = args.max_sequence_length
+    extractor = (
+        build_feature_extractor(args.feature_extractor, args.feature_extractor_path, args.device)
+        if args.feature_extractor
+        else None
+    )
+    real_features = None
+    if args.real_images_dir and extractor is not None:
+        real_features = extract_features(extractor, load_image_folder(args.real_images_dir, args.height, args.width))
+    clip = None
+    if args.clip_model_path:
+        clip = build_feature_extractor("clip", args.clip_model_path, args.device)
+    shared = {
+        "height": args.height,
+        "width": args.width,
+        "feature_extractor": extractor,
+        "real_features": real_features,
+        "clip": clip,
+        "batch_size": args.batch_size,
+        "latency_repeats": args.latency_repeats,
+    }
+
+    # 1. Reference: the teacher's many-step samples (its own scheduler).
+    reference_images = generate(
+        pipe,
+        prompts,
+        seeds,
+        num_inference_steps=args.teacher_steps,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        call_kwargs=common,
+    )
+    reference = ReferenceSet.build(reference_images, extractor, real_features)
+    results = []
+
+    def run(sampler: Any, method: str, steps: int, shift: Any, call_kwargs: dict[str, Any]) -> None:
+        result = evaluate(
+            sampler,
+            prompts,
+            seeds,
+            num_inference_steps=steps,
+            reference_images=reference,
+            call_kwargs={**common, **call_kwargs},
+            name=f"{method} ({steps} steps)",
+            settings={"shift": shift},
+            **shared,
+        )
+        row = {"method": method, "shift": shift, **result.to_dict()}
+        results.append((row, result.images[: args.grid_images]))
+        print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
+
+    # 2. Teacher: many steps (reference) and N steps, own scheduler and each requested fixed shift.
+    stock_scheduler = pipe.scheduler
+    run(pipe, "teacher", args.teacher_steps, "default", {})
+    for steps in args.steps:
+        run(pipe, "teacher Euler", steps, "default", {})
+    for shift in args.teacher_shifts:
+        pipe.scheduler = fixed_shift_scheduler(pipe, shift)
+        for steps in args.steps:
+            run(pipe, f"teacher Euler shift {shift:g}", steps, shift, {})
+    pipe.scheduler = stock_scheduler
+
+    # 3. Adapters, one at a time on the shared base weights.
+    for spec in args.adapter:
+        name, path = _adapter_name_and_path(spec)
+        adapter_name = "eval_adapter"
+        scfm = SCFMPipeline.from_pipe(pipe, adapter=path, adapter_name=adapter_name)
+        scfm.set_progress_bar_config(disable=True)
+        overrides = {k: v for k, v in (("shift", args.shift), ("lora_scale", args.lora_scale)) if v is not None}
+        shift = overrides.get("shift", scfm.scfm_settings.shift)
+        try:
+            for steps in args.steps:
+                run(scfm, name, steps, shift, overrides)
+        finally:
+            scfm.delete_adapters(adapter_name)
+
+    # 4. Report.
+    rows = [row for row, _ in results]
+    grid_rows = (
+        [(f"{row['method']} {row['num_inference_steps']}", images) for row, images in results]
+        if args.grid_images > 0
+        else None
+    )
+    settings = {k: v for k, v in vars(args).items()}
+    settings["teacher_fd_vs_real"] = reference.fd_vs_real
+    settings["seconds"] = round(time.perf_counter() - start, 1)
+    notes = [
+        f"Reference: the teacher in {args.teacher_steps} steps from the same seeds. Paired RMSE is in [0, 1] pixel "
+        "units; ΔFD = FD(sampler, real) − FD(reference, real); shift 'default' is the pipeline's own scheduler."
+    ]
+    write_report(
+        args.output_dir,
+        rows,
+        title=f"scfm-eval: {args.base_model}",
+        notes=notes,
+        settings=settings,
+        grid_rows=grid_rows,
+        grid_scale=max(1, 128 // max(args.height, args.width))
+        if max(args.height, args.width) <= 128
+        else 256 / max(args.height, args.width),
+    )
+    print(markdown_table(rows))
+    return json.loads((Path(args.output_dir) / "results.json").read_text())
+
+
+if __name__ == "__main__":
+    main()
