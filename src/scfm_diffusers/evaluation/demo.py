@@ -109,6 +109,7 @@ class DemoConfig:
         generation_fraction: Share of reflow's budget spent on drawing pairs.
         latency_repeats: Timed single-image calls per sampler.
         seed: Seed of the training runs.
+        extra: Further flags of the SCFM training script (name without ``--`` → value).
     """
 
     teacher_train_steps: int = 1000
@@ -211,6 +212,7 @@ def train_scfm(teacher: str, data_dir: Path, output_dir: Path, config: DemoConfi
         "report_to": "none",
         "checkpointing_steps": 10**9,
         "seed": config.seed,
+        **config.extra,  # further training-script flags, e.g. {"slow_ema_decay": 0.99}
     }
     if _stamp_matches(output_dir, args):
         _log(f"reusing the SCFM adapter in {output_dir} (same settings)")
