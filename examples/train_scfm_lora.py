@@ -37,7 +37,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, free_memory
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -311,6 +311,7 @@ def main(args: argparse.Namespace) -> Path:
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             setattr(pipe, name, None)
+    free_memory()
     few_shot_min = args.train_batch_size * accelerator.num_processes
     train_rows = repeat_to_length(list(range(len(cached))), few_shot_min)  # a 10-pair few-shot set still fills batches
     train_dataloader = torch.utils.data.DataLoader(
