@@ -219,7 +219,9 @@ def train_scfm(teacher: str, data_dir: Path, output_dir: Path, config: DemoConfi
         return output_dir
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(_train_script())]
-    command += [item for key, value in args.items() for item in (f"--{key}", str(value))] + ["--center_crop"]
+    for key, value in args.items():  # list values (e.g. self_grid_sizes) become several arguments
+        command += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
+    command += ["--center_crop"]
     _log("SCFM: " + " ".join(command))
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     subprocess.run(command, check=True, env=env)
