@@ -17,8 +17,8 @@ $(STAMP): setup.py constraints.txt
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --durations=15
