@@ -1,16 +1,27 @@
 """SCFM pipelines: thin subclasses of diffusers' Flux and SD3 pipelines that sample with an SCFM adapter.
 
-The subclasses change defaults and the scheduler only; denoising is diffusers' own ``__call__``.
+The subclasses change defaults and the scheduler only; denoising is diffusers' own ``__call__``. Their
+``__call__`` has the stock signature (built from it, not copied) plus ``shift`` and ``lora_scale``; their
+``save_pretrained`` writes a folder that the SCFM pipelines, the stock pipeline classes and
+``DiffusionPipeline`` all load (see docs/inference.md, "Saving and reloading").
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 
-from .adapter import SCFMInferenceSettings, load_adapter_settings
+from .adapter import SETTINGS_NAME, WEIGHTS_NAME, SCFMInferenceSettings, load_adapter_settings
 from .families import FAMILIES, family_of_class_name, family_of_pipeline
 from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 
@@ -25,6 +36,10 @@ class SCFMPipelineMixin:
     ``pipe(prompt)`` uses the adapter's steps, shift, guidance and LoRA scale; each can be overridden per call
     (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). ``lora_scale`` goes through
     diffusers' ``joint_attention_kwargs={"scale": ...}``, so it scales every LoRA loaded on the transformer.
+
+    Each subclass gets its own ``__call__`` (see :meth:`__init_subclass__`): its signature is the stock parent's
+    (every parameter, same kinds and defaults) with ``num_inference_steps`` and ``guidance_scale`` defaulting to
+    None ("the adapter's") plus keyword-only ``shift`` and ``lora_scale``; the body is the parent's ``__call__``.
     """
 
     _scfm_settings: SCFMInferenceSettings | None = None
@@ -67,33 +82,31 @@ class SCFMPipelineMixin:
         self.set_scfm_settings(settings, **overrides)  # checks the family before touching the weights
         self.load_lora_weights(adapter, adapter_name=adapter_name, revision=revision, token=token)
 
-    def __call__(
-        self,
-        *args: Any,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        shift: float | None = None,
-        lora_scale: float | None = None,
-        **kwargs: Any,
-    ):
-        """Run the parent pipeline with the SCFM settings as defaults; see the parent for all arguments.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each pipeline class a ``__call__`` with its stock parent's signature plus the SCFM arguments."""
+        super().__init_subclass__(**kwargs)
+        # A subclass of an SCFM pipeline inherits its parent's wrapper; one that defines __call__ keeps its own.
+        if "__call__" not in vars(cls) and not hasattr(cls.__call__, "__scfm_parent_call__"):
+            cls.__call__ = _scfm_call(cls.__call__)
+            cls.__call__.__qualname__ = f"{cls.__qualname__}.__call__"
 
-        Args:
-            num_inference_steps: Euler steps (default: the adapter's).
-            guidance_scale: Flux embedded guidance / SD3 CFG scale (default: the adapter's).
-            shift: Fixed shift of the σ grid for this call (default: the adapter's).
-            lora_scale: LoRA strength for this call (default: the adapter's).
-        """
+    def _call_with_scfm_settings(self, parent_call: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+        """Fill the SCFM defaults into ``arguments`` (the caller's, by name) and run the stock ``__call__``."""
         settings = self.scfm_settings
         if not isinstance(self.scheduler, FlowMatchSCFMScheduler):
             self.scheduler = settings.make_scheduler(self.scheduler.config)
-        num_inference_steps = settings.num_inference_steps if num_inference_steps is None else num_inference_steps
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        guidance_scale = settings.guidance_scale if guidance_scale is None else guidance_scale
-        lora_scale = settings.lora_scale if lora_scale is None else lora_scale
-        attention_kwargs = dict(kwargs.pop("joint_attention_kwargs", None) or {})
-        attention_kwargs.setdefault("scale", lora_scale)
+        shift = arguments.pop("shift", None)
+        lora_scale = arguments.pop("lora_scale", None)
+        if arguments.get("num_inference_steps") is None:
+            arguments["num_inference_steps"] = settings.num_inference_steps
+        if arguments["num_inference_steps"] < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {arguments['num_inference_steps']}.")
+        if arguments.get("guidance_scale") is None:
+            arguments["guidance_scale"] = settings.guidance_scale
+        # An explicit joint_attention_kwargs={"scale": ...} wins over lora_scale, as in the stock pipelines.
+        attention_kwargs = dict(arguments.get("joint_attention_kwargs") or {})
+        attention_kwargs.setdefault("scale", settings.lora_scale if lora_scale is None else lora_scale)
+        arguments["joint_attention_kwargs"] = attention_kwargs
 
         saved_shift = self.scheduler.shift
         if shift is not None:
@@ -101,15 +114,185 @@ class SCFMPipelineMixin:
                 raise ValueError(f"shift must be > 0, got {shift}.")
             self.scheduler.set_shift(shift)
         try:
-            return super().__call__(
-                *args,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                joint_attention_kwargs=attention_kwargs,
-                **kwargs,
-            )
+            return parent_call(self, **arguments)
         finally:
             self.scheduler.set_shift(saved_shift)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save the pipeline so that the SCFM pipelines, the stock class and ``DiffusionPipeline`` reload it.
+
+        On top of diffusers' folder it writes ``scfm_settings.json`` (steps, shift, guidance, LoRA scale) and
+        names the stock class (``FluxPipeline`` / ``StableDiffusion3Pipeline``) as ``_class_name`` in
+        ``model_index.json``. A LoRA that is loaded but not fused is kept apart, as in an adapter folder:
+        ``transformer/`` gets the base weights and ``pytorch_lora_weights.safetensors`` the LoRA, so the folder
+        also works as ``adapter=``. A fused LoRA is saved inside the transformer weights.
+
+        Args:
+            save_directory: Output folder (created).
+            *args: Passed to :meth:`diffusers.DiffusionPipeline.save_pretrained`.
+            **kwargs: Passed to :meth:`diffusers.DiffusionPipeline.save_pretrained` (``safe_serialization``,
+                ``variant``, ``max_shard_size``, ``push_to_hub``, ...).
+
+        Raises:
+            ValueError: The transformer carries more than one unfused LoRA adapter.
+        """
+        directory = Path(save_directory)
+        unfused = _unfused_lora_adapters(self.transformer)
+        if len(unfused) > 1:
+            raise ValueError(
+                f"save_pretrained keeps one unfused LoRA next to the base weights, but the transformer carries "
+                f"{len(unfused)}: {unfused}. Fuse them into the weights first (`pipe.fuse_lora(adapter_names=...)` "
+                "then `pipe.unload_lora_weights()`) or remove the ones you do not need (`pipe.delete_adapters(name)`)."
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        settings = self.scfm_settings.to_dict()
+        (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a LoRA left by an earlier save would be loaded again
+        if unfused:
+            (name,) = unfused
+            self.save_lora_weights(
+                directory,
+                transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=name),
+                transformer_lora_adapter_metadata=self.transformer.peft_config[name].to_dict(),
+            )
+        with _base_weights_in_state_dict(self.transformer):
+            super().save_pretrained(directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> SCFMPipelineMixin:
+        """Load a diffusers pipeline folder or Hub id; a folder saved by an SCFM pipeline gets its SCFM state back.
+
+        The SCFM state is ``scfm_settings.json`` and, if present, the unfused LoRA (adapter name ``"scfm"``);
+        both are read from local folders only (for a Hub repository, ``huggingface_hub.snapshot_download`` it
+        and pass the folder).
+
+        Args:
+            pretrained_model_name_or_path: Pipeline folder or Hub id.
+            **kwargs: Passed to :meth:`diffusers.DiffusionPipeline.from_pretrained`.
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if os.path.isdir(folder) and (folder / SETTINGS_NAME).is_file():
+            if (folder / WEIGHTS_NAME).is_file():
+                pipe.load_scfm_adapter(folder)
+            else:
+                pipe.set_scfm_settings(_read_settings(folder / SETTINGS_NAME))
+        return pipe
+
+    def to_json_string(self) -> str:
+        """The pipeline config as written to ``model_index.json``: ``_class_name`` is the stock pipeline class.
+
+        diffusers' ``DiffusionPipeline.from_pretrained`` resolves ``_class_name`` in the ``diffusers`` package
+        only, so a saved SCFM pipeline names its stock parent; the SCFM pipelines load either name.
+        """
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = family_of_pipeline(self).pipeline_class.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+_SCFM_PARAMETERS = (
+    inspect.Parameter("shift", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=float | None),
+    inspect.Parameter("lora_scale", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=float | None),
+)
+#: Stock parameters whose default becomes None, meaning "the adapter's setting".
+_SETTINGS_DEFAULTS = {"num_inference_steps": int | None, "guidance_scale": float | None}
+
+
+def _scfm_call_signature(parent_call: Callable[..., Any]) -> inspect.Signature:
+    """The stock ``__call__`` signature with the settings' parameters defaulting to None, plus the SCFM ones."""
+    parent = inspect.signature(parent_call)
+    names = set(parent.parameters)
+    missing = sorted({*_SETTINGS_DEFAULTS, "joint_attention_kwargs"} - names)
+    clashing = sorted(names & {p.name for p in _SCFM_PARAMETERS})
+    if missing or clashing or any(p.kind is p.VAR_POSITIONAL for p in parent.parameters.values()):
+        raise TypeError(
+            f"{parent_call.__qualname__} cannot be wrapped as an SCFM pipeline call: it needs the parameters "
+            "num_inference_steps, guidance_scale and joint_attention_kwargs, none called shift or lora_scale, and "
+            f"no *args (missing: {missing}, clashing: {clashing})."
+        )
+    parameters = [
+        p.replace(default=None, annotation=_SETTINGS_DEFAULTS[p.name]) if p.name in _SETTINGS_DEFAULTS else p
+        for p in parent.parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    parameters += _SCFM_PARAMETERS
+    parameters += [p for p in parent.parameters.values() if p.kind is p.VAR_KEYWORD]
+    return parent.replace(parameters=parameters)
+
+
+def _scfm_call(parent_call: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``__call__`` for an SCFM pipeline class: binds like the stock one, then adds the SCFM defaults."""
+    signature = _scfm_call_signature(parent_call)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = dict(signature.bind(self, *args, **kwargs).arguments)  # TypeError for unknown names
+        del arguments[next(iter(signature.parameters))]  # self
+        arguments.update(arguments.pop(var_keyword, None) or {})
+        return self._call_with_scfm_settings(parent_call, arguments)
+
+    __call__.__signature__ = signature
+    __call__.__scfm_parent_call__ = parent_call
+    __call__.__doc__ = (
+        f"Run :meth:`{parent_call.__qualname__}` with the SCFM settings (``scfm_settings``) as defaults.\n\n"
+        "    SCFM arguments (every other argument is the stock pipeline's, with its default):\n"
+        "        num_inference_steps (int | None): Euler steps (None: the adapter's).\n"
+        "        guidance_scale (float | None): Flux embedded guidance / SD3 CFG scale (None: the adapter's).\n"
+        "        shift (float | None): Fixed shift of the σ grid, this call only (None: the scheduler's).\n"
+        "        lora_scale (float | None): LoRA strength, sent as ``joint_attention_kwargs={'scale': ...}`` "
+        "unless that already holds a scale (None: the adapter's).\n\n"
+        f"    Stock documentation:\n{parent_call.__doc__ or ''}"
+    )
+    return __call__
+
+
+def _read_settings(path: Path) -> SCFMInferenceSettings:
+    """Read a ``scfm_settings.json`` written by :meth:`SCFMPipelineMixin.save_pretrained`."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save the pipeline or delete the file.") from error
+    return SCFMInferenceSettings.from_dict(data)
+
+
+def _lora_layers(transformer: torch.nn.Module) -> dict[str, BaseTunerLayer]:
+    """The peft-wrapped layers of a model, by module name."""
+    return {name: module for name, module in transformer.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _unfused_lora_adapters(transformer: torch.nn.Module) -> list[str]:
+    """Names of the LoRA adapters on ``transformer`` that are not merged into its weights."""
+    layers = _lora_layers(transformer)
+    if not layers:  # also after unload_lora_weights(), which may leave peft_config behind
+        return []
+    fused = {name for layer in layers.values() for name in layer.merged_adapters}
+    return sorted(set(transformer.peft_config) - fused)
+
+
+@contextmanager
+def _base_weights_in_state_dict(transformer: torch.nn.Module) -> Iterator[None]:
+    """While active, ``transformer.state_dict()`` holds the plain model's weights under the plain model's names.
+
+    A peft-wrapped layer ``to_q`` stores ``to_q.base_layer.weight`` and ``to_q.lora_A.<name>.weight``; a model
+    saved like that loads as neither the base model nor the LoRA model. The hook replaces each wrapped layer's
+    entries by its base layer's (which hold any fused LoRA), without copying or changing the weights.
+    """
+    layers = _lora_layers(transformer)
+
+    def keep_base_weights(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name, layer in layers.items():
+            layer_prefix = f"{prefix}{name}."
+            for key in [key for key in state_dict if key.startswith(layer_prefix)]:
+                del state_dict[key]
+            for key, value in layer.get_base_layer().state_dict().items():
+                state_dict[layer_prefix + key] = value
+
+    handle = transformer.register_state_dict_post_hook(keep_base_weights) if layers else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class SCFMFluxPipeline(SCFMPipelineMixin, FluxPipeline):
@@ -158,7 +341,8 @@ class SCFMPipeline:
         """Load a Flux or SD3 base model and, optionally, an SCFM adapter on it.
 
         Args:
-            pretrained_model_name_or_path: Base model folder or Hub id (a diffusers pipeline).
+            pretrained_model_name_or_path: Base model folder or Hub id (a diffusers pipeline), or a folder saved
+                by an SCFM pipeline (its settings and unfused LoRA come back; see ``save_pretrained``).
             adapter: SCFM adapter folder or Hub id; its settings become the call defaults.
             adapter_name: peft adapter name for the LoRA.
             settings: Overrides of the adapter's settings (e.g. ``{"num_inference_steps": 4}``).

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+# A pipeline saved with this scheduler names it ["scfm_diffusers.scheduling_flow_match_scfm",
+# "FlowMatchSCFMScheduler"] in model_index.json. To load it, diffusers looks up the base classes whose
+# `from_pretrained` it knows (SchedulerMixin, ModelMixin, ...) as attributes of *that module*
+# (`pipeline_loading_utils.get_class_obj_and_candidates`): without `SchedulerMixin` here it finds no loading
+# method and every `from_pretrained` of the saved pipeline fails. See docs/inference.md, "Saving and reloading".
+from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin  # noqa: F401  (SchedulerMixin: see above)
 from diffusers.configuration_utils import register_to_config
 
 from .sigmas import DEFAULT_MAX_SIGMA, dynamic_shift, fixed_shift, uniform_sigmas
