@@ -1,14 +1,18 @@
 """Shared fixtures: tiny real Flux / SD3 pipelines (built offline) and their saved folders."""
 
+import io
 import os
+import tarfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # without it a Hub id takes ~28 s to fail
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from scfm_diffusers.testing import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 
@@ -50,3 +54,18 @@ def generate(pipe, prompt="a cat", seed=0, **kwargs):
 @pytest.fixture
 def fresh_pipeline():
     return tiny_pipeline
+
+
+def write_webdataset(folder, sizes, seed=0):
+    """A WebDataset .tar shard (png + txt per key, captions "caption <i>"), as diffusers' LCM _wds scripts read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with tarfile.open(folder / "shard-000.tar", "w") as tar:
+        for index, (width, height) in enumerate(sizes):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+            for suffix, data in (("png", buffer.getvalue()), ("txt", f"caption {index}".encode())):
+                info = tarfile.TarInfo(f"{index:05d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(folder / "shard-000.tar")

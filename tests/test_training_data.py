@@ -8,20 +8,18 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import write_webdataset
 from PIL import Image
 
 from scfm_diffusers.testing import tiny_flux_pipeline
 from scfm_diffusers.training.data import (
-    MANIFEST_FILE,
-    CachedDataset,
     ImageCaptionPreprocessor,
-    cache_latents_and_embeddings,
-    generate_teacher_images,
+    SkippedImage,
+    StreamingBatches,
     load_image_caption_dataset,
-    make_fingerprint,
     read_prompts,
-    repeat_to_length,
 )
+from scfm_diffusers.training.teacher_data import MANIFEST_FILE, PNG_SETTINGS_KEY, generate_teacher_images
 
 
 def write_image_folder(folder, n=3, *, corrupt=(), size=(40, 24), metadata=True):
@@ -100,7 +98,7 @@ def test_preprocessing_shape_range_and_center_crop(tmp_path):
     folder = write_image_folder(tmp_path / "data", n=2, size=(40, 24))
     samples = list(ImageCaptionPreprocessor(16, center_crop=True)(load(folder, tmp_path)))
     assert len(samples) == 2
-    for pixels, caption in samples:
+    for pixels, caption, _ in samples:
         assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
         assert -1.0 <= pixels.min() and pixels.max() <= 1.0
         assert caption.startswith("caption")
@@ -126,7 +124,7 @@ def test_corrupt_file_skipped_counted_and_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.data"):
         items = list(samples)
     assert len(items) == 3
-    assert [caption for _, caption in items] == ["caption 0", "caption 1", "caption 3"]
+    assert [item.caption for item in items] == ["caption 0", "caption 1", "caption 3"]
     assert len(samples.skipped) == 1 and samples.skipped[0].source.endswith("img_2.png")
     assert "img_2.png" in caplog.text
     list(samples)  # a second pass recounts rather than accumulates
@@ -136,7 +134,7 @@ def test_corrupt_file_skipped_counted_and_named(tmp_path, caplog):
 def test_all_corrupt_is_a_clear_error(tmp_path):
     folder = write_image_folder(tmp_path / "data", n=2, corrupt={0, 1})
     samples = ImageCaptionPreprocessor(16)(load(folder, tmp_path))
-    with pytest.raises(ValueError, match="All 2 images .* unreadable"):
+    with pytest.raises(ValueError, match="All 2 images .* unusable"):
         list(samples)
 
 
@@ -155,23 +153,56 @@ def test_in_memory_dataset_with_bytes_and_caption_lists():
     assert samples.skipped[0].source == "row 1"
 
 
-# --- few-shot ------------------------------------------------------------------------------------------
+def test_a_row_looks_the_same_whatever_order_it_is_read_in(tmp_path):
+    """Crops, flips and caption choices are seeded per row: the sharded cache relies on it."""
+    folder = write_image_folder(tmp_path / "data", n=5, size=(50, 30))
+    samples = ImageCaptionPreprocessor(16, random_flip=True, seed=7)(load(folder, tmp_path))
+    forward = list(samples)
+    for index in (4, 1, 3):
+        assert torch.equal(samples.sample(index).pixel_values, forward[index].pixel_values)
+    assert [item.index for item in forward] == [0, 1, 2, 3, 4]
+    crops = {tuple(item.pixel_values[0, 0, :4].tolist()) for item in forward}
+    assert len(crops) > 1, "rows must not all share one crop"
+    other_seed = ImageCaptionPreprocessor(16, random_flip=True, seed=8)(load(folder, tmp_path))
+    assert any(not torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(forward, other_seed))
 
 
-def test_repeat_to_length_fills_a_batch_with_whole_repeats():
-    pairs = list(range(10))
-    repeated = repeat_to_length(pairs, 16)
-    assert len(repeated) == 20 and all(repeated.count(i) == 2 for i in pairs)
-    assert repeat_to_length(pairs, 8) is pairs
-    cached = CachedDataset(torch.randn(10, 1, 2, 2), {"prompt_embeds": torch.randn(10, 3, 4)})
-    loader = torch.utils.data.DataLoader(
-        repeat_to_length(cached, 16), batch_size=16, shuffle=True, drop_last=True, collate_fn=CachedDataset.collate
+def test_caption_lists_draw_per_row_without_decoding_images():
+    dataset = datasets.Dataset.from_dict({"image": ["/does/not/exist.png"] * 40, "text": [["a", "b", "c"]] * 40})
+    samples = ImageCaptionPreprocessor(8, seed=0)(dataset)
+    captions = samples.captions()  # would fail if it opened the (missing) images
+    assert captions == samples.captions() and set(captions) == {"a", "b", "c"}
+    assert isinstance(samples.sample(0), SkippedImage)
+
+
+def test_max_train_samples_shuffles_with_the_seed_first(tmp_path):
+    folder = write_image_folder(tmp_path / "data", n=12, size=(8, 8))
+    picked = {seed: load(folder, tmp_path, max_train_samples=4, seed=seed)["text"] for seed in (0, 0, 1)}
+    assert len(picked[0]) == 4 and picked[0] != [f"caption {i}" for i in range(4)]
+    assert picked[0] == load(folder, tmp_path, max_train_samples=4, seed=0)["text"]
+    assert picked[1] != picked[0]
+
+
+def test_streamed_webdataset_batches_come_from_one_bucket(tmp_path):
+    from scfm_diffusers.training.buckets import make_buckets
+
+    shard = write_webdataset(tmp_path / "wds", [(96, 48), (48, 96), (96, 50), (20, 20), (48, 96), (100, 48)])
+    dataset = load_image_caption_dataset(
+        dataset_name="webdataset", data_files=shard, image_column="png", caption_column="txt", streaming=True
     )
-    batches = list(loader)
-    assert len(batches) == 1 and batches[0]["latents"].shape == (16, 1, 2, 2)
-    assert batches[0]["prompt_embeds"].shape == (16, 3, 4)
-    with pytest.raises(ValueError, match="empty"):
-        repeat_to_length([], 4)
+    assert isinstance(dataset, datasets.IterableDataset)
+    preprocessor = ImageCaptionPreprocessor(
+        64, center_crop=True, image_column="png", caption_column="txt", buckets=make_buckets(64)
+    )
+    stream = StreamingBatches(dataset, preprocessor, batch_size=2)
+    batches = list(stream)
+    assert stream.num_skipped == 1  # the 20×20 image is smaller than every bucket
+    assert [b["captions"] for b in batches] == [["caption 0", "caption 2"], ["caption 1", "caption 4"]]
+    assert batches[0]["pixel_values"].shape[2:] != batches[1]["pixel_values"].shape[2:]
+    assert batches[-1]["num_rows"] == 5
+    # Resuming skips the rows already read.
+    rest = list(StreamingBatches(dataset, preprocessor, batch_size=2, skip=2))
+    assert [b["captions"] for b in rest] == [["caption 2", "caption 5"]]  # row 4 waits alone for a portrait mate
 
 
 # --- prompts and teacher data --------------------------------------------------------------------------
@@ -215,83 +246,18 @@ def test_teacher_images_are_written_loaded_and_cached(pipe, tmp_path):
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert {entry["num_inference_steps"] for entry in manifest.values()} == {3}
 
+    # Each PNG carries its own settings, so a run that died before writing the manifest resumes from the files.
+    (out / MANIFEST_FILE).unlink()
+    assert json.loads(Image.open(out / "000001.png").text[PNG_SETTINGS_KEY])["seed"] == 1
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
+    (out / "000002.png").unlink()
+    generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **{**settings, "num_inference_steps": 3})
+    redone = {f.name for f in out.glob("*.png") if f.stat().st_mtime_ns != mtimes.get(f.name)}
+    assert redone == {"000002.png"}
+
     # Fewer prompts: the surplus images are removed; the kept ones are not redone.
     before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
     generate_teacher_images(pipe, prompts[:2], out, images_per_prompt=2, **{**settings, "num_inference_steps": 3})
     after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
     assert after == {name: before[name] for name in after} and len(after) == 4
     assert len(load(out, tmp_path)) == 4
-
-
-# --- latent and text cache -----------------------------------------------------------------------------
-
-
-def flux_encoders(pipe):
-    vae = pipe.vae
-
-    def encode_images(pixels):
-        latents = vae.encode(pixels).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def encode_prompts(prompts):
-        prompt_embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
-        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-    return encode_images, encode_prompts
-
-
-def test_cache_round_trip_equals_recomputation_and_fingerprint_mismatch_recomputes(pipe, tmp_path, caplog):
-    folder = write_image_folder(tmp_path / "data", n=5, size=(40, 40))
-    samples = ImageCaptionPreprocessor(32, center_crop=True)(load(folder, tmp_path))
-    calls = []
-    encode_images, encode_prompts = flux_encoders(pipe)
-
-    def counting_encode_images(pixels):
-        calls.append(len(pixels))
-        return encode_images(pixels)
-
-    kwargs = {"encode_images": counting_encode_images, "encode_prompts": encode_prompts, "batch_size": 2}
-    kwargs["show_progress"] = False
-    path = tmp_path / "cache" / "latents.safetensors"
-    fingerprint = make_fingerprint(model="tiny", resolution=32)
-
-    first = cache_latents_and_embeddings(samples, cache_path=path, fingerprint=fingerprint, **kwargs)
-    assert calls == [2, 2, 1] and path.is_file()
-    assert len(first) == 5 and first.latents.shape == (5, 1, 32, 32)
-    assert first.text["prompt_embeds"].shape == (5, 16, 32) and first.text["pooled_prompt_embeds"].shape == (5, 32)
-    assert first.captions == [f"caption {i}" for i in range(5)]
-    assert not first.latents.requires_grad
-
-    reloaded = cache_latents_and_embeddings(samples, cache_path=path, fingerprint=fingerprint, **kwargs)
-    assert calls == [2, 2, 1]  # loaded, not recomputed
-    recomputed = cache_latents_and_embeddings(samples, **kwargs)
-    for dataset in (reloaded, recomputed):
-        assert torch.equal(dataset.latents, first.latents)
-        assert dataset.text.keys() == first.text.keys()
-        assert all(torch.equal(dataset.text[key], first.text[key]) for key in first.text)
-        assert dataset.captions == first.captions
-
-    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.data"):
-        cache_latents_and_embeddings(
-            samples, cache_path=path, fingerprint=make_fingerprint(model="tiny", resolution=64), **kwargs
-        )
-    assert calls == [2, 2, 1] * 3 and "recomputing" in caplog.text
-
-    batch = CachedDataset.collate([first[0], first[3]])
-    assert batch["latents"].shape == (2, 1, 32, 32) and torch.equal(
-        batch["prompt_embeds"][1], first.text["prompt_embeds"][3]
-    )
-    with pytest.raises(ValueError, match="fingerprint"):
-        cache_latents_and_embeddings(samples, cache_path=path, **kwargs)
-
-
-def test_cache_checks_encoder_output_rows():
-    samples = [(torch.zeros(3, 4, 4), "a"), (torch.zeros(3, 4, 4), "b")]
-    with pytest.raises(ValueError, match="text_ids"):
-        cache_latents_and_embeddings(
-            samples,
-            encode_images=lambda pixels: pixels[:, :1],
-            encode_prompts=lambda prompts: {"text_ids": torch.zeros(7, 3)},
-            batch_size=2,
-            show_progress=False,
-        )

@@ -59,6 +59,8 @@ class TinyModelConfig:
         attention_head_dim: Per-head width; for Flux it must equal ``sum(axes_dims_rope)``.
         num_attention_heads: Attention heads.
         text_dim: Width of the text encoders (CLIP hidden size, T5 ``d_model``) = ``joint_attention_dim``.
+        t5_dim: T5 ``d_model`` (= the transformer's ``joint_attention_dim``) if it differs from ``text_dim``;
+            4096 gives FLUX.1-dev's text-embedding shape for memory tests, at a tiny cost (one thin layer).
         text_layers: Layers of each text encoder.
         vae_channels: Channels of the one-block VAE.
         latent_channels: VAE latent channels (Flux: 1 → 4 packed channels; SD3: 4).
@@ -73,6 +75,7 @@ class TinyModelConfig:
     num_attention_heads: int = 2
     text_dim: int = 32
     text_layers: int = 2
+    t5_dim: int | None = None
     vae_channels: int = 4
     latent_channels: int | None = None
     guidance_embeds: bool = False
@@ -118,7 +121,7 @@ def _clip_text_config(tokenizer: CLIPTokenizer, config: TinyModelConfig) -> CLIP
 def _t5_encoder(tokenizer: T5Tokenizer, config: TinyModelConfig) -> T5EncoderModel:
     t5_config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=config.text_dim,
+        d_model=config.t5_dim or config.text_dim,
         d_ff=2 * config.text_dim,
         d_kv=8,
         num_heads=4,
@@ -166,7 +169,7 @@ def tiny_flux_pipeline(config: TinyModelConfig | None = None, *, pipeline_class:
         num_single_layers=config.num_single_layers,
         attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.text_dim,
+        joint_attention_dim=config.t5_dim or config.text_dim,
         pooled_projection_dim=config.text_dim,
         guidance_embeds=config.guidance_embeds,
         axes_dims_rope=list(config.axes_dims_rope),
@@ -217,7 +220,7 @@ def tiny_sd3_pipeline(
         attention_head_dim=config.attention_head_dim // 2,
         num_attention_heads=2 * config.num_attention_heads,
         caption_projection_dim=config.text_dim,
-        joint_attention_dim=config.text_dim,
+        joint_attention_dim=config.t5_dim or config.text_dim,
         pooled_projection_dim=2 * config.text_dim,
     )
     tokenizer = byte_level_clip_tokenizer()

@@ -1,72 +1,79 @@
-"""Image/caption data for SCFM training: loading, preprocessing, teacher-generated data and caching.
+"""Image/caption data for SCFM training: loading, preprocessing (square or aspect-ratio buckets), streaming.
 
-Three sources feed the same path, as in the diffusers example scripts:
+Sources, as in the diffusers example scripts:
 
-* a Hub dataset or a local dataset folder (``--dataset_name``),
+* a Hub dataset or a local dataset folder (``--dataset_name``), also a ``webdataset`` / ``parquet`` builder
+  with ``data_files`` (e.g. WebDataset ``.tar`` shards, as diffusers' LCM ``_wds`` scripts read),
 * an image folder with a ``metadata.jsonl`` of ``{"file_name": ..., "text": ...}`` rows (``--train_data_dir``),
-* data-free: images the teacher generates from a prompt list (:func:`read_prompts`,
-  :func:`generate_teacher_images`), written as such an image folder.
+* data-free: images the teacher generates from a prompt list (:func:`read_prompts` and
+  :mod:`scfm_diffusers.training.teacher_data`), written as such an image folder.
 
-The rows are then decoded with PIL (unreadable files are skipped, counted and named), resized and cropped
-to ``(3, res, res)`` pixels in ``[-1, 1]`` (:class:`ImageCaptionPreprocessor`), encoded once into VAE
-latents and text embeddings (:func:`cache_latents_and_embeddings`), after which the encoders can be freed
-and training reads :class:`CachedDataset`. Few-shot sets are repeated to fill a batch
-(:func:`repeat_to_length`).
+Rows are decoded with PIL (unreadable files, and images smaller than the smallest bucket, are skipped,
+counted and named), resized and cropped to ``(3, H, W)`` pixels in ``[-1, 1]``
+(:class:`ImageCaptionPreprocessor`): a ``resolution`` square, or the aspect-ratio bucket closest to the
+image's shape (:mod:`scfm_diffusers.training.buckets`). Every random choice of row ``i`` (crop, flip, which
+caption of a list) comes from :func:`row_generator` ``(seed, i)``, so a row looks the same whichever process
+reads it and in whatever order: the sharded cache (:mod:`scfm_diffusers.training.cache`) relies on it.
+Data sets too large to cache are streamed (:class:`StreamingBatches`) and encoded on the fly.
 
 Nothing here knows a model family: the caller passes the image and text encoders as callables.
 
 Example:
     >>> dataset = load_image_caption_dataset(train_data_dir="my_images")  # doctest: +SKIP
     >>> samples = ImageCaptionPreprocessor(512, center_crop=True)(dataset)  # doctest: +SKIP
-    >>> cached = cache_latents_and_embeddings(samples, encode_images=..., encode_prompts=..., batch_size=8)  # doctest: +SKIP
-    >>> print(f"skipped {len(samples.skipped)} unreadable images")  # doctest: +SKIP
+    >>> sample = samples.sample(0)  # ImageCaptionSample(pixel_values (3, 512, 512), caption, index) or SkippedImage  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import datasets
-import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from safetensors.torch import load_file, safe_open, save_file
-from tqdm.auto import tqdm
+
+from .buckets import assign_bucket, resize_and_crop
 
 __all__ = [
-    "CachedDataset",
     "ImageCaptionPreprocessor",
     "ImageCaptionSample",
     "ImageCaptionSamples",
     "SkippedImage",
-    "cache_latents_and_embeddings",
-    "generate_teacher_images",
+    "StreamingBatches",
     "load_image_caption_dataset",
-    "make_fingerprint",
     "read_prompts",
-    "repeat_to_length",
+    "row_generator",
 ]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 #: Files the ``imagefolder`` loader reads captions from.
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-#: Written next to teacher images; records the settings each image was generated with.
-MANIFEST_FILE = "generation_manifest.json"
 # Errors PIL and the file system raise for missing, truncated or non-image files.
 _UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+# Streams of row_generator: each random choice of a row has its own, so one never shifts another.
+CAPTION_STREAM, IMAGE_STREAM = 0, 1
+
+
+def row_generator(seed: int, index: int, stream: int) -> torch.Generator:
+    """A CPU generator for random choice ``stream`` of data-set row ``index``, independent of order and process.
+
+    Args:
+        seed: The run's seed (``--seed``).
+        index: The row number in the data set.
+        stream: Which choice (captions 0, crops/flips 1, VAE posterior noise 2).
+    """
+    # Hashed, not packed into bits: torch's CPU generator keeps only the low 32 bits of a seed.
+    digest = hashlib.blake2b(f"{seed}/{index}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,32 +86,42 @@ def load_image_caption_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     train_data_dir: str | os.PathLike | None = None,
+    data_files: str | Sequence[str] | None = None,
     image_column: str = "image",
     caption_column: str = "text",
     cache_dir: str | os.PathLike | None = None,
     max_train_samples: int | None = None,
     split: str = "train",
     seed: int | None = None,
-) -> datasets.Dataset:
+    streaming: bool = False,
+    shuffle_buffer_size: int = 1000,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Load an image/caption dataset from the Hub, a local dataset folder or an image folder.
 
     Images are not decoded here (``datasets`` decodes lazily); :class:`ImageCaptionPreprocessor` does it.
 
     Args:
-        dataset_name: A Hub dataset id or a local dataset folder, passed to ``datasets.load_dataset``.
+        dataset_name: A Hub dataset id, a local dataset folder, or a builder name such as ``"webdataset"``
+            or ``"parquet"`` (with ``data_files``), passed to ``datasets.load_dataset``.
         dataset_config_name: The dataset's config name, if it has several.
         train_data_dir: An image folder with a ``metadata.jsonl`` holding one ``{"file_name": ..., "text":
             ...}`` row per image (``file_name`` relative to the folder). Exactly one of ``dataset_name`` and
             ``train_data_dir`` must be given.
-        image_column: Column holding the images.
-        caption_column: Column holding the captions.
+        data_files: Files (paths or globs) for ``dataset_name``'s builder, e.g. WebDataset ``.tar`` shards.
+        image_column: Column holding the images (for WebDataset: the image extension, e.g. ``"jpg"``).
+        caption_column: Column holding the captions (for WebDataset e.g. ``"txt"``).
         cache_dir: Where ``datasets`` caches downloads and the prepared dataset.
-        max_train_samples: Keep only this many rows (after shuffling with ``seed`` if it is given).
+        max_train_samples: Keep only this many rows, after shuffling with ``seed`` if it is given (streaming:
+            through a shuffle buffer of ``shuffle_buffer_size``).
         split: The split to load.
-        seed: If given with ``max_train_samples``, shuffle with this seed before truncating.
+        seed: Shuffle seed for ``max_train_samples``.
+        streaming: Return a ``datasets.IterableDataset`` that reads as it goes (nothing is downloaded or
+            prepared up front).
+        shuffle_buffer_size: Shuffle buffer of a streamed data set with ``max_train_samples``.
 
     Returns:
-        The dataset, with at least ``image_column`` and ``caption_column``.
+        The dataset, with at least ``image_column`` and ``caption_column`` (checked on the first row when a
+        streamed data set does not declare its columns).
 
     Raises:
         ValueError: Neither or both sources given, a column missing, or a folder without metadata file.
@@ -115,6 +132,7 @@ def load_image_caption_dataset(
             "Give exactly one data source: --dataset_name (a Hub dataset id or a local dataset folder) or "
             "--train_data_dir (an image folder with a metadata.jsonl)."
         )
+    options = {"cache_dir": cache_dir, "split": split, "streaming": streaming}
     if train_data_dir is not None:
         folder = Path(train_data_dir)
         if not folder.is_dir():
@@ -125,17 +143,25 @@ def load_image_caption_dataset(
                 'holding its path relative to the folder and its caption, e.g. {"file_name": "0001.png", '
                 '"text": "a photo of a cat"}.'
             )
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir, split=split)
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), **options)
     else:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+        files = [data_files] if isinstance(data_files, str) else data_files
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, data_files=files, **options)
 
+    columns = dataset.column_names
+    if columns is None:  # a streamed data set without declared features: look at the first row
+        columns = list(next(iter(dataset.take(1)), {}).keys())
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
-        if column not in dataset.column_names:
+        if column not in columns:
             raise ValueError(
-                f"Column {column!r} not found in the dataset; its columns are {dataset.column_names}. "
+                f"Column {column!r} not found in the dataset; its columns are {columns}. "
                 f"Set {flag} to the column that holds the {flag[2:].split('_')[0]}s."
             )
     if max_train_samples is not None:
+        if streaming:
+            if seed is not None:
+                dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+            return dataset.take(max_train_samples)
         if seed is not None:
             dataset = dataset.shuffle(seed=seed)
         dataset = dataset.select(range(min(max_train_samples, len(dataset))))
@@ -151,44 +177,59 @@ class ImageCaptionSample(NamedTuple):
     """One preprocessed training pair.
 
     Attributes:
-        pixel_values: ``(3, res, res)`` float32 in ``[-1, 1]``.
+        pixel_values: ``(3, H, W)`` float32 in ``[-1, 1]`` (the square or the row's bucket).
         caption: The caption.
+        index: The row in the data set (in a stream: the running example number).
     """
 
     pixel_values: torch.Tensor
     caption: str
+    index: int
 
 
 @dataclass(frozen=True)
 class SkippedImage:
-    """An image that could not be decoded.
+    """An image that was not used.
 
     Attributes:
         index: Row in the dataset.
         source: The file path, or ``"row <index>"`` for images stored as bytes without a path.
-        error: The decoding error, as text.
+        error: What was wrong, as text.
+        reason: ``"unreadable"`` (decoding failed) or ``"too small"`` (smaller than every bucket).
     """
 
     index: int
     source: str
     error: str
+    reason: str = "unreadable"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImageTooSmallError(ValueError):
+    """The image cannot cover any aspect-ratio bucket without upscaling."""
 
 
 class ImageCaptionPreprocessor:
-    """Decode, resize and crop images to ``(3, res, res)`` tensors in ``[-1, 1]``, like the diffusers scripts.
+    """Decode, resize and crop images to ``(3, H, W)`` tensors in ``[-1, 1]``, like the diffusers scripts.
 
-    The shorter side is resized to ``resolution`` (bilinear), then a ``resolution`` square is cropped at the
-    centre (``center_crop=True``) or at random, and flipped horizontally with probability ½ if
-    ``random_flip``. Random choices come from a generator seeded with ``seed``, so they are reproducible.
-    When latents are cached, the augmentation is drawn once, at caching time.
+    Without ``buckets`` every image becomes a ``resolution`` square: the shorter side is resized to
+    ``resolution`` (bilinear, upscaling small images), then cropped. With ``buckets`` (see
+    :func:`~scfm_diffusers.training.buckets.make_buckets`) each image goes to the bucket closest to its aspect
+    ratio among those it covers without upscaling; an image that covers none is skipped as ``"too small"``.
+    Crops are centred (``center_crop=True``) or random, with a horizontal flip of probability ½ if
+    ``random_flip``. Random choices of row ``i`` come from :func:`row_generator` ``(seed, i)``: reproducible
+    and independent of the order rows are read in. When latents are cached, they are drawn once.
 
     Args:
-        resolution: Side of the square output.
+        resolution: Side of the square output (and the buckets' nominal side).
         center_crop: Crop at the centre instead of at random.
         random_flip: Flip horizontally with probability ½.
         image_column: Column holding the images (``datasets.Image`` or file paths).
         caption_column: Column holding the captions (a string, or a list of strings: one is drawn).
         seed: Seed of the crop / flip / caption choices.
+        buckets: ``(height, width)`` buckets, or None for squares.
     """
 
     def __init__(
@@ -199,7 +240,8 @@ class ImageCaptionPreprocessor:
         random_flip: bool = False,
         image_column: str = "image",
         caption_column: str = "text",
-        seed: int | None = 0,
+        seed: int = 0,
+        buckets: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}.")
@@ -208,37 +250,36 @@ class ImageCaptionPreprocessor:
         self.random_flip = random_flip
         self.image_column = image_column
         self.caption_column = caption_column
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed = seed
+        self.buckets = tuple(tuple(bucket) for bucket in buckets) if buckets else None
 
-    def _randint(self, high: int) -> int:
-        """A random integer in ``[0, high]``."""
-        return int(torch.randint(high + 1, (), generator=self.generator))
+    def transform(self, image: PIL.Image.Image, index: int = 0) -> torch.Tensor:
+        """Turn the PIL image of row ``index`` into a ``(3, H, W)`` float32 tensor in ``[-1, 1]``.
 
-    def transform(self, image: PIL.Image.Image) -> torch.Tensor:
-        """Turn a PIL image into a ``(3, res, res)`` float32 tensor in ``[-1, 1]``."""
-        image = PIL.ImageOps.exif_transpose(image).convert("RGB")
-        res = self.resolution
-        scale = res / min(image.size)
-        size = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
-        image = image.resize(size, PIL.Image.Resampling.BILINEAR)
-        if self.center_crop:
-            left, top = (image.width - res) // 2, (image.height - res) // 2
-        else:
-            left, top = self._randint(image.width - res), self._randint(image.height - res)
-        image = image.crop((left, top, left + res, top + res))
-        if self.random_flip and self._randint(1):
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-        return pixels / 127.5 - 1.0
+        Raises:
+            ImageTooSmallError: With buckets, the image is smaller than every bucket.
+        """
+        image = PIL.ImageOps.exif_transpose(image)
+        bucket = (self.resolution, self.resolution)
+        if self.buckets is not None:
+            bucket = assign_bucket(image.height, image.width, self.buckets)
+            if bucket is None:
+                smallest = min(self.buckets, key=lambda b: b[0] * b[1])
+                raise ImageTooSmallError(
+                    f"{image.width}×{image.height} px covers no bucket (smallest {smallest[1]}×{smallest[0]} px)"
+                )
+        generator = row_generator(self.seed, index, IMAGE_STREAM)
+        return resize_and_crop(
+            image, bucket, center_crop=self.center_crop, generator=generator, random_flip=self.random_flip
+        )
 
     def caption(self, value: Any, index: int) -> str:
-        """Return the caption of row ``index``; draws one if the row holds a list of captions."""
+        """Return the caption of row ``index``; draws one (seeded by the row) if the row holds a list."""
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-            return value[self._randint(len(value) - 1)]
+            choice = torch.randint(len(value), (), generator=row_generator(self.seed, index, CAPTION_STREAM))
+            return value[int(choice)]
+        if isinstance(value, bytes):  # WebDataset .txt entries
+            value = value.decode("utf-8")
         if not isinstance(value, str):
             raise ValueError(
                 f"Row {index}: caption column {self.caption_column!r} holds {value!r}; expected a string or a "
@@ -246,15 +287,28 @@ class ImageCaptionPreprocessor:
             )
         return value
 
+    def process(self, entry: Any, caption: Any, index: int) -> ImageCaptionSample | SkippedImage:
+        """Decode and preprocess one row: the sample, or why it was skipped (logged as a warning)."""
+        try:
+            return ImageCaptionSample(self.transform(_open_image(entry), index), self.caption(caption, index), index)
+        except ImageTooSmallError as error:
+            skipped = SkippedImage(index, _source(entry, index), str(error), reason="too small")
+        except _UNREADABLE_ERRORS as error:
+            skipped = SkippedImage(index, _source(entry, index), f"{type(error).__name__}: {error}")
+        logger.warning("Skipping %s image %s (row %d): %s", skipped.reason, skipped.source, index, skipped.error)
+        return skipped
+
     def __call__(self, dataset: datasets.Dataset) -> ImageCaptionSamples:
-        """Wrap ``dataset`` into a lazy iterable of :class:`ImageCaptionSample` that skips unreadable images."""
+        """Wrap ``dataset`` into a lazy, random-access view of :class:`ImageCaptionSample` s."""
         return ImageCaptionSamples(dataset, self)
 
 
 def _open_image(entry: Any) -> PIL.Image.Image:
-    """Open an undecoded ``datasets.Image`` entry (``{"bytes": ..., "path": ...}``), a path or a PIL image."""
+    """Open an undecoded ``datasets.Image`` entry (``{"bytes": ..., "path": ...}``), a path, bytes or a PIL image."""
     if isinstance(entry, PIL.Image.Image):
         return entry
+    if isinstance(entry, bytes):
+        entry = {"bytes": entry, "path": None}
     if isinstance(entry, (str, os.PathLike)):
         entry = {"bytes": None, "path": str(entry)}
     if not isinstance(entry, Mapping):
@@ -266,12 +320,27 @@ def _open_image(entry: Any) -> PIL.Image.Image:
     return image
 
 
-class ImageCaptionSamples:
-    """A lazy, re-iterable view of a dataset as :class:`ImageCaptionSample` s, skipping unreadable images.
+def _source(entry: Any, index: int) -> str:
+    path = entry.get("path") if isinstance(entry, Mapping) else getattr(entry, "filename", None) or None
+    if isinstance(entry, (str, os.PathLike)):
+        path = entry
+    return str(path) if path else f"row {index}"
 
-    Each unreadable image is logged as a warning naming the file and recorded in :attr:`skipped`
-    (reset at the start of each pass). The image column is read with ``datasets.Image(decode=False)`` and
-    decoded here with PIL, so the file path is known when decoding fails.
+
+def _undecoded(dataset, image_column: str):
+    """The data set with its image column left as bytes/paths, so a failing file can be named."""
+    feature = (dataset.features or {}).get(image_column)
+    if isinstance(feature, datasets.Image) or (isinstance(feature, datasets.Value) and feature.dtype == "string"):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+class ImageCaptionSamples:
+    """A lazy, random-access view of a dataset as :class:`ImageCaptionSample` s, skipping unusable images.
+
+    Each skipped image is logged as a warning naming the file and, when iterated, recorded in
+    :attr:`skipped` (reset at the start of each pass). The image column is read with
+    ``datasets.Image(decode=False)`` and decoded here with PIL, so the file path is known when decoding fails.
 
     Args:
         dataset: The dataset, e.g. from :func:`load_image_caption_dataset`.
@@ -291,10 +360,7 @@ class ImageCaptionSamples:
                     f"Column {column!r} not found in the dataset; its columns are {dataset.column_names}."
                 )
         dataset = dataset.select_columns([preprocessor.image_column, preprocessor.caption_column])
-        feature = dataset.features[preprocessor.image_column]
-        if isinstance(feature, datasets.Image) or (isinstance(feature, datasets.Value) and feature.dtype == "string"):
-            dataset = dataset.cast_column(preprocessor.image_column, datasets.Image(decode=False))
-        self.dataset = dataset
+        self.dataset = _undecoded(dataset, preprocessor.image_column)
         self.preprocessor = preprocessor
         self.skipped: list[SkippedImage] = []
 
@@ -302,59 +368,107 @@ class ImageCaptionSamples:
         """Number of rows (an upper bound on the number of samples)."""
         return len(self.dataset)
 
+    def captions(self) -> list[str]:
+        """The caption of every row, without decoding a single image (list-valued rows drawn per row)."""
+        column = self.dataset.select_columns([self.preprocessor.caption_column])
+        return [
+            self.preprocessor.caption(row[self.preprocessor.caption_column], index) for index, row in enumerate(column)
+        ]
+
+    def rows(self, start: int, stop: int) -> Iterator[ImageCaptionSample | SkippedImage]:
+        """Rows ``start ≤ i < stop`` decoded and preprocessed: a sample or a :class:`SkippedImage` each."""
+        image_column, caption_column = self.preprocessor.image_column, self.preprocessor.caption_column
+        block = self.dataset[start:stop]
+        for offset, (entry, caption) in enumerate(zip(block[image_column], block[caption_column], strict=True)):
+            yield self.preprocessor.process(entry, caption, start + offset)
+
+    def sample(self, index: int) -> ImageCaptionSample | SkippedImage:
+        """Row ``index`` decoded and preprocessed, or why it was skipped."""
+        return next(self.rows(index, index + 1))
+
     def __iter__(self) -> Iterator[ImageCaptionSample]:
         self.skipped = []
-        image_column, caption_column = self.preprocessor.image_column, self.preprocessor.caption_column
         num_yielded = 0
-        for index, row in enumerate(self.dataset):
-            entry = row[image_column]
-            try:
-                pixels = self.preprocessor.transform(_open_image(entry))
-            except _UNREADABLE_ERRORS as error:
-                path = entry.get("path") if isinstance(entry, Mapping) else entry
-                source = str(path) if path else f"row {index}"
-                self.skipped.append(SkippedImage(index, source, f"{type(error).__name__}: {error}"))
-                logger.warning("Skipping unreadable image %s (row %d): %s", source, index, error)
-                continue
-            num_yielded += 1
-            yield ImageCaptionSample(pixels, self.preprocessor.caption(row[caption_column], index))
+        for start in range(0, len(self.dataset), 256):
+            for item in self.rows(start, min(len(self.dataset), start + 256)):
+                if isinstance(item, SkippedImage):
+                    self.skipped.append(item)
+                    continue
+                num_yielded += 1
+                yield item
         if num_yielded == 0 and len(self.dataset) > 0:
             examples = ", ".join(s.source for s in self.skipped[:3])
             raise ValueError(
-                f"All {len(self.dataset)} images of the dataset are unreadable (e.g. {examples}; first error: "
+                f"All {len(self.dataset)} images of the dataset are unusable (e.g. {examples}; first error: "
                 f"{self.skipped[0].error}). Check the image column (--image_column) and the files."
             )
 
 
-def repeat_to_length(items: Sequence[T], min_length: int) -> Sequence[T]:
-    """Repeat a small dataset whole until it has at least ``min_length`` items (few-shot training).
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """A streamed data set (``datasets.IterableDataset``) as an iterable of preprocessed batches.
 
-    Whole repeats keep every item equally frequent, e.g. 10 pairs with ``min_length=16`` give 20 items.
+    For data sets too large to cache: rows are decoded and preprocessed as they arrive (in DataLoader
+    workers if any; use ``DataLoader(..., batch_size=None)``) and the caller encodes each batch on the fly.
+    Rows are grouped by shape, so with aspect-ratio buckets every batch comes from one bucket (a bucket's
+    rows wait in a buffer until it has ``batch_size``; the rows left in buffers when the stream ends are
+    dropped). Each process reads its own part (``datasets.distributed.split_dataset_by_node``); rows are
+    numbered by their position in it, so per-row random choices stay reproducible. Unusable images are
+    skipped, logged and counted in :attr:`num_skipped` (per worker process).
 
     Args:
-        items: A list / tuple or a ``torch.utils.data.Dataset`` with ``__len__`` (e.g. :class:`CachedDataset`).
-        min_length: The least number of items wanted, typically ``batch_size × num_processes``.
+        dataset: A streamed data set, e.g. ``load_image_caption_dataset(..., streaming=True)``.
+        preprocessor: Decoding / cropping settings and the column names.
+        batch_size: Rows per batch.
+        process_index: This process's rank (accelerate's ``process_index``).
+        num_processes: The number of processes.
+        skip: Rows of this process's part to skip (resuming: the rows already trained on).
 
-    Returns:
-        ``items`` itself if long enough; otherwise a list (for lists / tuples) or a
-        ``torch.utils.data.ConcatDataset`` of repeats (for datasets; collate with ``CachedDataset.collate``).
-
-    Raises:
-        ValueError: ``items`` is empty.
+    Yields:
+        ``{"pixel_values": (B, 3, H, W), "captions": list of B str, "num_rows": rows of the stream read so
+        far (including skipped ones)}``.
     """
-    length = len(items)
-    if length == 0:
-        raise ValueError("Cannot repeat an empty dataset.")
-    if length >= min_length:
-        return items
-    repeats = math.ceil(min_length / length)
-    if isinstance(items, (list, tuple)):
-        return list(items) * repeats
-    return torch.utils.data.ConcatDataset([items] * repeats)
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        preprocessor: ImageCaptionPreprocessor,
+        *,
+        batch_size: int,
+        process_index: int = 0,
+        num_processes: int = 1,
+        skip: int = 0,
+    ) -> None:
+        super().__init__()
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = _undecoded(dataset, preprocessor.image_column)
+        if num_processes > 1:
+            dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+        self.dataset = dataset.skip(skip) if skip else dataset
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
+        self.offset = skip
+        self.num_skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        image_column, caption_column = self.preprocessor.image_column, self.preprocessor.caption_column
+        buffers: dict[tuple[int, ...], list[ImageCaptionSample]] = {}
+        number = self.offset
+        for number, row in enumerate(self.dataset, start=self.offset + 1):
+            item = self.preprocessor.process(row[image_column], row[caption_column], number - 1)
+            if isinstance(item, SkippedImage):
+                self.num_skipped += 1
+                continue
+            buffer = buffers.setdefault(tuple(item.pixel_values.shape), [])
+            buffer.append(item)
+            if len(buffer) == self.batch_size:
+                pixels = torch.stack([sample.pixel_values for sample in buffer])
+                yield {"pixel_values": pixels, "captions": [sample.caption for sample in buffer], "num_rows": number}
+                buffer.clear()
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3. Data-free mode: teacher-generated images
+# 3. Prompt lists (data-free mode, validation)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -373,304 +487,3 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"Prompt file {str(path)!r} holds no prompts (one per line; '#' starts a comment).")
     return prompts
-
-
-def _tmp_path(path: Path) -> Path:
-    """A sibling temporary name, unique per process, for write-then-rename (a crash never leaves half a file)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def generate_teacher_images(
-    pipeline: Any,
-    prompts: Sequence[str],
-    output_dir: str | os.PathLike,
-    *,
-    height: int,
-    width: int,
-    num_inference_steps: int = 32,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    images_per_prompt: int = 1,
-    batch_size: int = 4,
-    pipeline_kwargs: Mapping[str, Any] | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Generate training images with the teacher pipeline into an image folder (data-free SCFM).
-
-    Image ``i = prompt_index × images_per_prompt + k`` is ``{i:06d}.png``, generated with seed ``seed + i``
-    on a CPU generator, so it does not depend on the batch size or the device. The settings of each image
-    (prompt, seed, steps, size, guidance, extra kwargs, teacher name) are kept in
-    ``generation_manifest.json``; a re-run regenerates only the images whose file is missing or whose
-    settings changed, and removes images of the previous run that are no longer wanted. The manifest is
-    updated after every batch, so an interrupted run loses at most one batch. ``metadata.jsonl`` is written
-    at the end, so :func:`load_image_caption_dataset` reads the folder with ``train_data_dir=output_dir``.
-
-    Run it on one process (e.g. ``if accelerator.is_main_process``) and wait for it on the others.
-
-    Args:
-        pipeline: A diffusers text-to-image pipeline (e.g. a stock ``FluxPipeline``) taking ``prompt``,
-            ``height``, ``width``, ``num_inference_steps``, ``generator`` and optionally ``guidance_scale``.
-        prompts: The prompts.
-        output_dir: The image folder (created if needed).
-        height: Image height in pixels.
-        width: Image width in pixels.
-        num_inference_steps: Teacher sampling steps.
-        guidance_scale: Passed to the pipeline if given; otherwise the pipeline's default is used.
-        seed: Seed of image 0; image ``i`` uses ``seed + i``.
-        images_per_prompt: Images per prompt.
-        batch_size: Images per pipeline call.
-        pipeline_kwargs: Further JSON-serialisable pipeline arguments (e.g. ``max_sequence_length``).
-        show_progress: Show a tqdm bar (the pipeline's own per-call bar is hidden meanwhile).
-
-    Returns:
-        ``output_dir`` as a :class:`~pathlib.Path`.
-    """
-    if not prompts:
-        raise ValueError("No prompts to generate images from.")
-    if images_per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"images_per_prompt and batch_size must be ≥ 1, got {images_per_prompt}, {batch_size}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = output_dir / MANIFEST_FILE
-    manifest: dict[str, dict] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-
-    common = {
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "height": height,
-        "width": width,
-        "pipeline_kwargs": dict(pipeline_kwargs or {}),
-        "teacher": getattr(pipeline, "name_or_path", None),
-    }
-    wanted = {
-        f"{i:06d}.png": {"prompt": prompt, "seed": seed + i, **common}
-        for i, prompt in enumerate(p for p in prompts for _ in range(images_per_prompt))
-    }
-    # The JSON round trip makes tuples lists, as in the stored manifest.
-    wanted = json.loads(json.dumps(wanted))
-    for stale in set(manifest) - set(wanted):
-        (output_dir / stale).unlink(missing_ok=True)
-        del manifest[stale]
-    todo = [
-        name
-        for name, settings in wanted.items()
-        if manifest.get(name) != settings or not (output_dir / name).is_file()
-    ]
-    if len(todo) < len(wanted):
-        logger.info("Reusing %d of %d teacher images in %s.", len(wanted) - len(todo), len(wanted), output_dir)
-
-    call_kwargs = {
-        "height": height,
-        "width": width,
-        "num_inference_steps": num_inference_steps,
-        **common["pipeline_kwargs"],
-    }
-    if guidance_scale is not None:
-        call_kwargs["guidance_scale"] = guidance_scale
-    progress_config = dict(getattr(pipeline, "_progress_bar_config", {}))
-    if show_progress and hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(disable=True)
-    try:
-        with tqdm(total=len(todo), desc="Teacher images", unit="img", disable=not show_progress or not todo) as bar:
-            for start in range(0, len(todo), batch_size):
-                names = todo[start : start + batch_size]
-                generators = [torch.Generator().manual_seed(wanted[name]["seed"]) for name in names]
-                images = pipeline(
-                    prompt=[wanted[name]["prompt"] for name in names], generator=generators, **call_kwargs
-                ).images
-                for name, image in zip(names, images, strict=True):
-                    tmp = _tmp_path(output_dir / name)
-                    image.save(tmp, format="PNG")
-                    os.replace(tmp, output_dir / name)
-                    manifest[name] = wanted[name]
-                _write_atomic(manifest_path, json.dumps(manifest, indent=1))
-                bar.update(len(names))
-    finally:
-        if hasattr(pipeline, "_progress_bar_config"):
-            pipeline._progress_bar_config = progress_config
-
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1))
-    lines = (json.dumps({"file_name": name, "text": settings["prompt"]}) for name, settings in wanted.items())
-    _write_atomic(output_dir / "metadata.jsonl", "\n".join(lines) + "\n")
-    return output_dir
-
-
-# --------------------------------------------------------------------------------------------------------
-# 4. Latent and text-embedding cache
-# --------------------------------------------------------------------------------------------------------
-
-
-def make_fingerprint(**settings: Any) -> str:
-    """A short stable hash of the settings that determine a cache (model, resolution, data, crops, ...)."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Precomputed VAE latents and text embeddings, one row per training pair.
-
-    Items are dicts ``{"latents": (C, h, w), **text}`` where ``text`` holds per-sample tensors such as
-    ``prompt_embeds`` ``(L, D)`` and ``pooled_prompt_embeds`` ``(D',)``; :meth:`collate` stacks them.
-
-    Args:
-        latents: ``(N, C, h, w)`` latents.
-        text: Per-sample text tensors, each ``(N, ...)``; the key ``"latents"`` is reserved.
-        captions: The N captions (kept for logging and validation prompts).
-
-    Raises:
-        ValueError: The leading dimensions or the number of captions differ from N.
-    """
-
-    def __init__(self, latents: torch.Tensor, text: Mapping[str, torch.Tensor], captions: Sequence[str] | None = None):
-        if "latents" in text:
-            raise ValueError("The text-tensor key 'latents' is reserved for the image latents.")
-        self.latents = latents
-        self.text = dict(text)
-        self.captions = list(captions) if captions is not None else None
-        for key, tensor in {"latents": latents, **self.text}.items():
-            if tensor.shape[0] != len(latents):
-                raise ValueError(f"{key!r} has {tensor.shape[0]} rows, but there are {len(latents)} latents.")
-        if self.captions is not None and len(self.captions) != len(latents):
-            raise ValueError(f"{len(self.captions)} captions for {len(latents)} latents.")
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"latents": self.latents[index], **{key: value[index] for key, value in self.text.items()}}
-
-    @staticmethod
-    def collate(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack a list of items into a batch: ``{"latents": (B, C, h, w), **text (B, ...)}``."""
-        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-    def save(self, path: str | os.PathLike, fingerprint: str) -> None:
-        """Write the cache as one safetensors file with ``fingerprint`` (and the captions) in its header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"latents": self.latents, **{f"text.{key}": value for key, value in self.text.items()}}
-        metadata = {"fingerprint": fingerprint, "captions": json.dumps(self.captions)}
-        tmp = _tmp_path(path)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> tuple[CachedDataset, str | None]:
-        """Read a cache written by :meth:`save`; returns ``(dataset, fingerprint)``."""
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-        text = {key.removeprefix("text."): value for key, value in tensors.items() if key.startswith("text.")}
-        captions = json.loads(metadata.get("captions", "null"))
-        return cls(tensors["latents"], text, captions), metadata.get("fingerprint")
-
-
-def _read_cache(path: Path, fingerprint: str) -> CachedDataset | None:
-    """The cache at ``path`` if it exists and was made with ``fingerprint``; logs why it is not used."""
-    if not path.is_file():
-        return None
-    try:
-        cached, stored = CachedDataset.load(path)
-    except Exception as error:  # a truncated or foreign file: recompute rather than fail
-        logger.warning("Latent cache %s is unreadable (%s): recomputing.", path, error)
-        return None
-    if stored != fingerprint:
-        logger.warning(
-            "Latent cache %s was made with other settings (fingerprint %s, now %s): recomputing.",
-            path,
-            stored,
-            fingerprint,
-        )
-        return None
-    logger.info("Loaded %d cached latents and text embeddings from %s.", len(cached), path)
-    return cached
-
-
-def cache_latents_and_embeddings(
-    samples: Iterable[ImageCaptionSample | tuple[torch.Tensor, str]],
-    *,
-    encode_images: Callable[[torch.Tensor], torch.Tensor],
-    encode_prompts: Callable[[list[str]], Mapping[str, torch.Tensor]],
-    batch_size: int,
-    cache_path: str | os.PathLike | None = None,
-    fingerprint: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    show_progress: bool = True,
-) -> CachedDataset:
-    """Encode every pair once (under ``torch.no_grad``) into latents and text embeddings.
-
-    With ``cache_path``, a cache file made with the same ``fingerprint`` is loaded instead (``samples`` is
-    then not read, so no image is decoded); otherwise the result is computed and written there. A different
-    fingerprint recomputes and says so in a warning. After this the caller can free the encoders.
-
-    Args:
-        samples: ``(pixel_values (3, H, W), caption)`` pairs, e.g. :class:`ImageCaptionSamples`.
-        encode_images: ``(B, 3, H, W)`` pixels in ``[-1, 1]`` → ``(B, C, h, w)`` latents, already scaled
-            and shifted as the transformer expects; moves the batch to its device itself.
-        encode_prompts: ``B`` captions → dict of per-sample tensors with leading dimension ``B``
-            (e.g. ``{"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, D')}``).
-        batch_size: Pairs per encoder call.
-        cache_path: A ``.safetensors`` file to load from / save to (main process only under DDP).
-        fingerprint: Identifies the settings the cache depends on (see :func:`make_fingerprint`);
-            required with ``cache_path``.
-        dtype: Dtype of the stored tensors (on the CPU).
-        show_progress: Show a tqdm bar.
-
-    Returns:
-        The :class:`CachedDataset`, tensors on the CPU.
-
-    Raises:
-        ValueError: ``cache_path`` without ``fingerprint``, no samples, or an encoder output with the wrong
-            leading dimension.
-    """
-    if cache_path is not None:
-        if fingerprint is None:
-            raise ValueError("A fingerprint is needed to reuse a latent cache safely (see make_fingerprint).")
-        cached = _read_cache(Path(cache_path), fingerprint)
-        if cached is not None:
-            return cached
-
-    latents: list[torch.Tensor] = []
-    text: dict[str, list[torch.Tensor]] = {}
-    captions: list[str] = []
-
-    def encode(batch: list[tuple[torch.Tensor, str]]) -> None:
-        pixels = torch.stack([pixel_values for pixel_values, _ in batch])
-        prompts = [caption for _, caption in batch]
-        outputs = {"latents": encode_images(pixels), **encode_prompts(prompts)}
-        for key, value in outputs.items():
-            if value.shape[0] != len(batch):
-                raise ValueError(
-                    f"Encoder output {key!r} has leading dimension {value.shape[0]}, expected {len(batch)}."
-                )
-        latents.append(outputs.pop("latents").detach().to("cpu", dtype))
-        for key, value in outputs.items():
-            text.setdefault(key, []).append(value.detach().to("cpu", dtype))
-        captions.extend(prompts)
-
-    total = len(samples) if hasattr(samples, "__len__") else None
-    batch: list[tuple[torch.Tensor, str]] = []
-    with torch.no_grad(), tqdm(total=total, desc="Caching latents", unit="img", disable=not show_progress) as bar:
-        for sample in samples:
-            batch.append(tuple(sample))
-            if len(batch) == batch_size:
-                encode(batch)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            encode(batch)
-            bar.update(len(batch))
-    if not latents:
-        raise ValueError("No samples to cache: the dataset is empty.")
-
-    dataset = CachedDataset(torch.cat(latents), {key: torch.cat(values) for key, values in text.items()}, captions)
-    if cache_path is not None:
-        dataset.save(cache_path, fingerprint)
-        logger.info("Cached %d latents and text embeddings in %s.", len(dataset), cache_path)
-    return dataset

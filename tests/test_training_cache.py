@@ -1,0 +1,203 @@
+"""The sharded latent / text cache: contents, reuse, stale settings, resume after a crash, buckets, laziness.
+
+Real encoders of the tiny Flux pipeline, real PNG files read through `datasets`.
+"""
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scfm_diffusers.testing import tiny_flux_pipeline
+from scfm_diffusers.training.buckets import make_buckets
+from scfm_diffusers.training.cache import INDEX_FILE, LatentCache, build_latent_cache
+from scfm_diffusers.training.data import ImageCaptionPreprocessor, load_image_caption_dataset, row_generator
+from scfm_diffusers.training.velocity import encode_images, get_training_family
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipeline()
+
+
+def write_folder(folder, sizes, captions):
+    """PNGs of the given (width, height) sizes with a metadata.jsonl of ``captions``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for index, ((width, height), caption) in enumerate(zip(sizes, captions, strict=True)):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        rows.append({"file_name": f"{index}.png", "text": caption})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+class Encoders:
+    """The tiny pipeline's real encoders, counting what they are asked to encode (optionally failing)."""
+
+    def __init__(self, pipe, fail_on_image_call=None):
+        self.pipe, self.fail_on_image_call = pipe, fail_on_image_call
+        self.captions, self.image_calls = [], 0
+
+    def images(self, pixels, generators):
+        self.image_calls += 1
+        if self.image_calls == self.fail_on_image_call:
+            raise RuntimeError("simulated crash while caching")
+        return encode_images(self.pipe.vae, pixels, generator=generators)
+
+    def prompts(self, prompts):
+        self.captions.extend(prompts)
+        return get_training_family("flux").encode_prompts(self.pipe, prompts, max_sequence_length=8)
+
+
+def build(samples, directory, encoders, settings=None, **kwargs):
+    kwargs = {"batch_size": 2, "shard_size": 2, "show_progress": False, **kwargs}
+    return build_latent_cache(
+        samples,
+        directory,
+        settings=settings or {"model": "tiny", "resolution": 32},
+        encode_images=encoders.images,
+        encode_prompts=encoders.prompts,
+        **kwargs,
+    )
+
+
+def square_samples(tmp_path, captions, resolution=32):
+    folder = write_folder(tmp_path / "data", [(40, 36)] * len(captions), captions)
+    dataset = load_image_caption_dataset(train_data_dir=folder, cache_dir=tmp_path / "hf")
+    return ImageCaptionPreprocessor(resolution, random_flip=True, seed=3)(dataset)
+
+
+def assert_same_cache(a: LatentCache, b: LatentCache):
+    assert len(a) == len(b) and a.num_captions == b.num_captions
+    for index in range(len(a)):
+        x, y = a[index], b[index]
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), f"row {index}: {key} differs"
+
+
+def test_items_equal_direct_encoding_and_repeated_captions_are_encoded_once(pipe, tmp_path):
+    captions = ["a cat", "a dog", "a cat", "a bird", "a dog"]
+    samples = square_samples(tmp_path, captions)
+    encoders = Encoders(pipe)
+    cache = build(samples, tmp_path / "cache", encoders)
+
+    # Each unique caption once, after one caption that measures the embedding size (for the text shard size).
+    assert encoders.captions[0] == "a cat" and sorted(encoders.captions[1:]) == ["a bird", "a cat", "a dog"]
+    assert len(cache) == 5 and cache.num_captions == 3
+    item = cache[2]
+    assert item["latents"].shape == (1, 32, 32) and item["latents"].dtype == torch.bfloat16
+    assert item["prompt_embeds"].shape == (8, 32) and item["pooled_prompt_embeds"].shape == (32,)
+    assert cache.caption(2) == "a cat" and cache.caption(4) == "a dog"
+    assert torch.equal(cache[0]["prompt_embeds"], cache[2]["prompt_embeds"])
+
+    # Row 2 encoded alone, with its own seeds, gives exactly the cached row: batching does not matter.
+    sample = samples.sample(2)
+    with torch.no_grad():
+        latents = encode_images(pipe.vae, sample.pixel_values[None], generator=[row_generator(3, 2, 2)])
+        text = get_training_family("flux").encode_prompts(pipe, ["a cat"], max_sequence_length=8)
+    torch.testing.assert_close(cache[2]["latents"], latents[0].to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(cache[2]["prompt_embeds"], text["prompt_embeds"][0].to(torch.bfloat16), rtol=0, atol=0)
+
+    batch = LatentCache.collate([cache[0], cache[3]])
+    assert batch["latents"].shape == (2, 1, 32, 32) and batch["prompt_embeds"].shape == (2, 8, 32)
+
+
+def test_finished_cache_is_reused_without_reading_the_data(pipe, tmp_path):
+    samples = square_samples(tmp_path, ["a", "b", "c"])
+    first = build(samples, tmp_path / "cache", Encoders(pipe), dtype=torch.float32)
+    encoders = Encoders(pipe)
+    samples.dataset = None  # reading the data set now would fail
+    again = build(samples, tmp_path / "cache", encoders, dtype=torch.float32)
+    assert encoders.image_calls == 0 and encoders.captions == []
+    assert_same_cache(first, again)
+    assert first[0]["latents"].dtype == torch.float32
+
+
+def test_cache_from_other_settings_is_never_reused(pipe, tmp_path, caplog):
+    samples = square_samples(tmp_path, ["a", "b", "c"])
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    encoders = Encoders(pipe)
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.cache"):
+        rebuilt = build(samples, tmp_path / "cache", encoders, settings={"model": "tiny", "resolution": 16})
+    assert "other settings" in caplog.text and "resolution: 32 → 16" in caplog.text
+    assert encoders.image_calls == 2 and len(rebuilt) == 3  # everything encoded again
+    assert json.loads((tmp_path / "cache" / INDEX_FILE).read_text())["settings"]["resolution"] == 16
+
+    # A partial cache (no index yet) of other settings is not mixed in either.
+    (tmp_path / "cache" / INDEX_FILE).unlink()
+    encoders = Encoders(pipe)
+    build(samples, tmp_path / "cache", encoders, settings={"model": "other", "resolution": 16})
+    assert encoders.image_calls == 2
+
+
+def test_a_build_killed_midway_resumes_and_equals_an_uninterrupted_one(pipe, tmp_path):
+    samples = square_samples(tmp_path, [f"caption {i}" for i in range(7)])  # 4 image shards of ≤ 2 rows
+    crashing = Encoders(pipe, fail_on_image_call=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(samples, tmp_path / "cache", crashing)
+    assert not (tmp_path / "cache" / INDEX_FILE).exists()
+    finished = sorted(p.name for p in (tmp_path / "cache").glob("images-*.json"))
+    assert finished == ["images-00000.json", "images-00001.json"]
+
+    resumed_encoders = Encoders(pipe)
+    resumed = build(samples, tmp_path / "cache", resumed_encoders)
+    assert resumed_encoders.image_calls == 2 and resumed_encoders.captions == []  # only what was missing
+    assert_same_cache(resumed, build(samples, tmp_path / "fresh", Encoders(pipe)))
+
+
+def test_buckets_keep_aspect_ratios_and_too_small_images_are_skipped_and_counted(pipe, tmp_path):
+    # 64-px buckets: landscape, portrait, square, and one image smaller than every bucket.
+    sizes = [(96, 48), (48, 96), (70, 70), (40, 30), (100, 52)]
+    folder = write_folder(tmp_path / "data", sizes, [f"c{i}" for i in range(len(sizes))])
+    dataset = load_image_caption_dataset(train_data_dir=folder, cache_dir=tmp_path / "hf")
+    samples = ImageCaptionPreprocessor(64, center_crop=True, seed=0, buckets=make_buckets(64))(dataset)
+    cache = build(samples, tmp_path / "cache", Encoders(pipe), settings={"buckets": True})
+
+    assert len(cache) == 4
+    skipped = cache.index["skipped"]
+    assert len(skipped) == 1 and skipped[0]["reason"] == "too small" and skipped[0]["source"].endswith("3.png")
+    shapes = [tuple(cache[i]["latents"].shape) for i in range(len(cache))]
+    assert shapes[0][2] > shapes[0][1] and shapes[1][1] > shapes[1][2] and shapes[2][1] == shapes[2][2]
+    assert shapes[3] == shapes[0]  # two landscape images share a bucket
+    assert len(cache.bucket_shapes) == 3 and cache.bucket_ids[0] == cache.bucket_ids[3]
+    with pytest.raises(ValueError, match="mixes latent shapes"):
+        LatentCache.collate([cache[0], cache[1]])
+
+
+def test_no_usable_image_is_a_clear_error(pipe, tmp_path):
+    folder = write_folder(tmp_path / "data", [(20, 20), (24, 24)], ["a", "b"])
+    dataset = load_image_caption_dataset(train_data_dir=folder, cache_dir=tmp_path / "hf")
+    samples = ImageCaptionPreprocessor(64, buckets=make_buckets(64))(dataset)
+    with pytest.raises(ValueError, match="No usable image among the 2 rows.*too small"):
+        build(samples, tmp_path / "cache", Encoders(pipe))
+
+
+def test_the_dataset_object_holds_no_tensors(pipe, tmp_path):
+    """Training RAM must not grow with the data: the dataset keeps a 16-byte row table, not the tensors."""
+    samples = square_samples(tmp_path, [f"caption {i}" for i in range(12)])
+    cache = build(samples, tmp_path / "cache", Encoders(pipe), dtype=torch.float32)
+    stored = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.safetensors"))
+    item_bytes = sum(t.numel() * t.element_size() for t in cache[5].values())
+    assert stored > 10 * item_bytes
+    assert len(pickle.dumps(cache)) < 2 * item_bytes + 4096
+    cache.close()
+
+
+def test_text_shards_are_bounded_in_bytes(pipe, tmp_path):
+    """A FLUX.1-dev caption is 2 MiB: text shards hold as many captions as fit in text_shard_bytes."""
+    samples = square_samples(tmp_path, [f"caption {i}" for i in range(7)])
+    per_caption = (8 * 32 + 32) * 2  # prompt_embeds (8, 32) + pooled (32,), bf16
+    cache = build(samples, tmp_path / "cache", Encoders(pipe), shard_size=100, text_shard_bytes=3 * per_caption)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("text-*.json")) == [
+        "text-00000.json",
+        "text-00001.json",
+        "text-00002.json",
+    ]
+    assert cache.index["text_shard_size"] == 3 and cache.caption(6) == "caption 6"
+    assert torch.equal(cache[6]["prompt_embeds"], build(samples, tmp_path / "big", Encoders(pipe))[6]["prompt_embeds"])
