@@ -12,6 +12,10 @@ One GPU:
     accelerate launch examples/train_scfm_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --prompts_file prompts.txt --output_dir flux-scfm --mixed_precision bf16 --gradient_checkpointing \
         --use_8bit_adam --train_batch_size 8 --max_train_steps 2000 --num_inference_steps 4
+Large data: aspect-ratio buckets over a cached data set, or WebDataset shards streamed and encoded on the fly:
+    accelerate launch examples/train_scfm_lora.py ... --dataset_name my-org/captioned --aspect_ratio_buckets
+    accelerate launch examples/train_scfm_lora.py ... --dataset_name webdataset --data_files "shards/{00000..00099}.tar" \
+        --image_column jpg --caption_column txt --streaming --aspect_ratio_buckets --dataloader_num_workers 4
 Several GPUs (DDP) or DeepSpeed ZeRO-2:
     accelerate launch --config_file examples/configs/multi_gpu.yaml examples/train_scfm_lora.py ...
     accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train_scfm_lora.py ...
@@ -28,40 +32,51 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, free_memory
+from diffusers.training_utils import cast_training_params, free_memory, offload_models
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from scfm_diffusers.adapter import SCFMInferenceSettings, push_adapter, save_adapter
+from scfm_diffusers.adapter import SCFMInferenceSettings, create_adapter_repo, push_adapter, save_adapter
 from scfm_diffusers.families import family_of_class_name, get_family
+from scfm_diffusers.training.buckets import BucketBatchSampler, make_buckets
+from scfm_diffusers.training.cache import build_latent_cache
 from scfm_diffusers.training.data import (
     ImageCaptionPreprocessor,
-    ImageCaptionSamples,
-    cache_latents_and_embeddings,
-    generate_teacher_images,
+    StreamingBatches,
     load_image_caption_dataset,
-    make_fingerprint,
     read_prompts,
-    repeat_to_length,
 )
 from scfm_diffusers.training.ema import DualLoraEMA, lora_parameters
 from scfm_diffusers.training.objective import loss_by_sigma_bins, scfm_loss
+from scfm_diffusers.training.teacher_data import generate_teacher_images
 from scfm_diffusers.training.timesteps import GridSamplerConfig, sample_grid_steps
 from scfm_diffusers.training.velocity import encode_images, get_training_family
 
 logger = get_logger(__name__)
 STUDENT = "default"
 STATE_FILE, RUN_FILE = "scfm_state.safetensors", "scfm_run.json"
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SECRET_FLAGS = ("hub_token",)  # never logged, tracked or written
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # finished checkpoints only (a partial one is checkpoint-N.partial)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,6 +110,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     data.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens per caption.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    data.add_argument(
+        "--data_files",
+        nargs="+",
+        default=None,
+        help="Files for --dataset_name's builder (e.g. webdataset .tar shards).",
+    )
+    data.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Keep aspect ratios: buckets of ~--resolution² pixels (multiples of 16 px); one bucket per batch.",
+    )
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name and encode on the fly (no cache; one pass; for data sets too large to cache).",
+    )
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a streamed data set.")
+    data.add_argument(
+        "--cache_dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="Dtype of the cached latents/embeddings.",
+    )
+    data.add_argument("--cache_shard_size", type=int, default=256, help="Rows (or unique captions) per cache shard.")
+    data.add_argument(
+        "--offload", action="store_true", help="Keep the VAE and text encoders on the CPU except while they encode."
+    )
 
     train = p.add_argument_group("optimisation")
     train.add_argument("--output_dir", default="scfm-lora", help="Adapter folder; checkpoints and caches go below it.")
@@ -137,6 +179,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument(
         "--guidance_range", type=float, nargs=2, default=(0.0, 7.5), help="Flux-dev: per-sample g ~ U[a, b)."
     )
+    lora.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Flux-dev: train with this one embedded guidance value instead of --guidance_range (as in diffusers).",
+    )
     lora.add_argument("--cfg_scale", type=float, default=4.5, help="SD3: CFG scale of every velocity (reference 4.5).")
     lora.add_argument(
         "--save_weights",
@@ -151,10 +199,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference_shift", type=float, default=None, help="Sampling shift (default: Flux 3.25, SD3 3.0)."
     )
     infer.add_argument(
-        "--guidance_scale", type=float, default=None, help="Inference guidance (default: Flux 3.5, SD3 --cfg_scale)."
+        "--inference_guidance_scale",
+        type=float,
+        default=None,
+        help="Guidance the adapter is sampled with (default: Flux 3.5, SD3 --cfg_scale).",
     )
     infer.add_argument("--lora_scale", type=float, default=1.0, help="Recommended LoRA scale at inference.")
-    infer.add_argument("--validation_prompt", nargs="+", default=None, help="Prompt(s) sampled during training.")
+    infer.add_argument("--validation_prompt", default=None, help="Prompt sampled during training (as in diffusers).")
+    infer.add_argument("--num_validation_images", type=int, default=4, help="Images of --validation_prompt.")
     infer.add_argument("--validation_steps", type=int, default=200, help="Validate every N steps.")
 
     ckpt = p.add_argument_group("checkpoints, logging, Hub")
@@ -165,15 +217,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ckpt.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
     ckpt.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     ckpt.add_argument("--logging_dir", default="logs", help="Tracker folder, below --output_dir.")
-    ckpt.add_argument("--push_to_hub", action="store_true", help="Upload the adapter folder to the Hub at the end.")
+    ckpt.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Create the Hub repository at the start, upload the adapter at the end.",
+    )
     ckpt.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output folder's name).")
     ckpt.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
     ckpt.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
+    ckpt.add_argument(
+        "--nccl_timeout", type=int, default=1800, help="Process-group timeout in seconds (long caching/generation)."
+    )
     args = p.parse_args(argv)
 
     sources = [s for s in (args.dataset_name, args.train_data_dir, args.prompts_file) if s]
     if len(sources) != 1:
         p.error("give exactly one data source: --dataset_name, --train_data_dir or --prompts_file.")
+    if args.streaming and not args.dataset_name:
+        p.error(
+            "--streaming reads a --dataset_name (a Hub id, a folder, or a builder such as webdataset with --data_files)."
+        )
+    if args.data_files and not args.dataset_name:
+        p.error("--data_files goes with --dataset_name (e.g. --dataset_name webdataset --data_files 'shards/*.tar').")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         p.error(
             f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (use a checkpoint-N folder or 'latest')."
@@ -206,47 +271,69 @@ def run_record(args: argparse.Namespace, family_name: str, targets: list[str]) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Main
+# 2. Components: base model, data, checkpoint hooks
 # ---------------------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace) -> Path:
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # 2.1 The base model: its family decides LoRA targets, guidance handling and the grad clip.
+def load_base_model(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype):
+    """The base pipeline (frozen) and its training family, read from ``model_index.json``."""
     config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     family = get_training_family(family_of_class_name(config.get("_class_name", "<none>")).name)
-    pipe = (
-        get_family(family.name)
-        .pipeline_class.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype
-        )
-        .to(accelerator.device)
+    pipe = family.pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype
     )
     pipe.set_progress_bar_config(disable=True)
-    transformer = pipe.transformer.requires_grad_(False)
-    for module in (pipe.vae, *(getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))):
-        if module is not None:
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
+    # With --offload the encoders wait on the CPU and visit the GPU only to encode.
+    resident = [pipe.transformer] if args.offload else [m for m in pipe.components.values() if hasattr(m, "to")]
+    for module in resident:
+        module.to(accelerator.device)
+    return pipe, family
 
-    # 2.2 Data: dataset, image folder, or teacher-generated images (data-free); latents + embeddings cached once.
-    cache_dir = output_dir / "cache"
+
+def encoders_on_device(args, pipe, accelerator, *names: str):
+    """Context: the named components (VAE, text encoders) on the accelerator while inside (with --offload)."""
+    modules = [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
+    return offload_models(*modules, device=accelerator.device, offload=args.offload)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What the loop needs from the data side.
+
+    Attributes:
+        batches: ``(prepared loader, first_step, state) -> iterator`` of raw batches (cache rows or a stream).
+        to_training_batch: raw batch -> ``{"latents": (B, C, h, w) fp32, **text}`` on the device.
+        uncond: Empty-prompt text tensors (SD3's CFG).
+        validation_text: Text tensors of the validation prompts (or None).
+        prepared: The dataloader to hand to ``accelerator.prepare`` (None when streaming).
+    """
+
+    batches: Callable
+    to_training_batch: Callable
+    uncond: dict
+    validation_text: dict | None
+    prepared: torch.utils.data.DataLoader | None
+
+
+def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: torch.dtype) -> TrainData:
+    """Data set -> (teacher images) -> cached latents + embeddings, or a stream encoded on the fly."""
+    output_dir = Path(args.output_dir)
+    device = accelerator.device
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    buckets = make_buckets(args.resolution) if args.aspect_ratio_buckets else None
+
+    def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
+        return family.encode_prompts(pipe, prompts, args.max_sequence_length, device=device)
+
+    with torch.no_grad(), encoders_on_device(args, pipe, accelerator, *text_encoders):
+        uncond = encode_prompts([""])  # SD3's CFG uses the empty prompt in every velocity
+        validation_text = encode_prompts([args.validation_prompt]) if args.validation_prompt else None
+
     train_data_dir = args.train_data_dir
-    if args.prompts_file:
-        train_data_dir = cache_dir / "teacher_data"
-        if accelerator.is_main_process:
+    if args.prompts_file:  # data-free: every process draws its share of the teacher's images
+        train_data_dir = output_dir / "cache" / "teacher_data"
+        with encoders_on_device(args, pipe, accelerator, "vae", *text_encoders):
             generate_teacher_images(
                 pipe,
                 read_prompts(args.prompts_file),
@@ -255,124 +342,149 @@ def main(args: argparse.Namespace) -> Path:
                 width=args.resolution,
                 num_inference_steps=args.teacher_num_inference_steps,
                 seed=args.seed,
-                guidance_scale=args.guidance_scale or family.inference_guidance_scale,
+                guidance_scale=args.inference_guidance_scale or family.adapter_guidance_scale(args.cfg_scale),
                 images_per_prompt=args.teacher_images_per_prompt,
+                show_progress=accelerator.is_local_main_process,
             )
-        accelerator.wait_for_everyone()
-    dataset = load_image_caption_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=train_data_dir,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        max_train_samples=args.max_train_samples,
-    )
-    samples = ImageCaptionSamples(
-        dataset,
-        ImageCaptionPreprocessor(
-            args.resolution,
-            center_crop=args.center_crop,
-            random_flip=args.random_flip,
+    with accelerator.main_process_first():  # `datasets` prepares its own cache once
+        dataset = load_image_caption_dataset(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=train_data_dir,
+            data_files=args.data_files,
             image_column=args.image_column,
             caption_column=args.caption_column,
+            max_train_samples=args.max_train_samples,
             seed=args.seed,
-        ),
-    )
-
-    def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
-        return family.encode_prompts(pipe, prompts, args.max_sequence_length)
-
-    fingerprint = make_fingerprint(
-        model=args.pretrained_model_name_or_path,
-        data=dataset._fingerprint,
-        rows=len(dataset),
-        resolution=args.resolution,
-        crop=args.center_crop,
-        flip=args.random_flip,
-        seq=args.max_sequence_length,
-        seed=args.seed,
-    )
-    with accelerator.main_process_first():  # the main process encodes and writes the cache; the others read it
-        cached = cache_latents_and_embeddings(
-            samples,
-            encode_images=lambda pixels: encode_images(pipe.vae, pixels),
-            encode_prompts=encode_prompts,
-            batch_size=args.train_batch_size,
-            cache_path=cache_dir / "latents.safetensors",
-            fingerprint=fingerprint,
-            show_progress=accelerator.is_local_main_process,
+            streaming=args.streaming,
+            shuffle_buffer_size=args.shuffle_buffer_size,
         )
-    if samples.skipped:
-        logger.warning(f"Skipped {len(samples.skipped)} unreadable images, e.g. {samples.skipped[0]}.")
-    with torch.no_grad():
-        uncond = encode_prompts([""])  # SD3's CFG uses the empty prompt in every velocity
-        validation_text = encode_prompts(args.validation_prompt) if args.validation_prompt else None
-    # Text encoders are no longer needed: free them (the VAE stays for validation images).
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    preprocessor = ImageCaptionPreprocessor(
+        args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        seed=args.seed,
+        buckets=buckets,
+    )
+    if args.streaming:
+        return _streaming_data(
+            args, pipe, family, accelerator, weight_dtype, dataset, preprocessor, uncond, validation_text
+        )
+
+    settings = {  # everything the cache depends on (shard size and dtype are added by the cache)
+        "model": str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "encoder_dtype": str(weight_dtype),
+        "data": dataset._fingerprint,
+        "rows": len(dataset),
+        "columns": [args.image_column, args.caption_column],
+        "max_train_samples": args.max_train_samples,
+        "resolution": args.resolution,
+        "buckets": buckets,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "max_sequence_length": args.max_sequence_length,
+        "seed": args.seed,
+    }
+    cache = build_latent_cache(
+        preprocessor(dataset),
+        output_dir / "cache" / "latents",
+        settings=settings,
+        encode_images=lambda pixels, generators: encode_images(pipe.vae, pixels, generator=generators),
+        encode_prompts=encode_prompts,
+        batch_size=args.train_batch_size,
+        shard_size=args.cache_shard_size,
+        dtype=CACHE_DTYPES[args.cache_dtype],
+        text_phase=lambda: encoders_on_device(args, pipe, accelerator, *text_encoders),
+        image_phase=lambda: encoders_on_device(args, pipe, accelerator, "vae"),
+        show_progress=accelerator.is_local_main_process,
+    )
+    if cache.skipped_summary():
+        logger.warning(cache.skipped_summary())
+    for name in text_encoders:  # no longer needed: free them (the VAE stays for validation images)
         if getattr(pipe, name, None) is not None:
             setattr(pipe, name, None)
     free_memory()
-    few_shot_min = args.train_batch_size * accelerator.num_processes
-    train_rows = repeat_to_length(list(range(len(cached))), few_shot_min)  # a 10-pair few-shot set still fills batches
-    train_dataloader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(cached, train_rows),
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=cached.collate,
-        num_workers=args.dataloader_num_workers,
+
+    # Every batch from one bucket; a 10-pair few-shot set is repeated so that every process gets a batch.
+    sampler = BucketBatchSampler(
+        cache.bucket_ids, args.train_batch_size, seed=args.seed, min_batches=accelerator.num_processes
+    )
+    dataloader = torch.utils.data.DataLoader(
+        cache, batch_sampler=sampler, collate_fn=cache.collate, num_workers=args.dataloader_num_workers
     )
 
-    # 2.3 Student LoRA + dual EMA as adapters on the one transformer (teacher = adapters disabled).
-    targets = family.lora_target_modules(transformer)
-    transformer.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets),
-        adapter_name=STUDENT,
-    )
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        if not torch.cuda.is_available():
-            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
-        transformer.enable_xformers_memory_efficient_attention()
-    ema = DualLoraEMA(transformer, STUDENT, fast_decay=args.fast_ema_decay, slow_decay=args.slow_ema_decay)
-    cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA in fp32 under mixed precision
-    student_params = list(lora_parameters(transformer, STUDENT).values())
+    def batches(loader, first_step: int, state: dict):
+        """Epoch after epoch of the prepared loader, from ``first_step`` (mid-epoch on resume)."""
+        steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+        epoch, skip = divmod(first_step, steps_per_epoch)
+        while True:
+            loader.set_epoch(epoch)  # before skipping: the skipping loader copies the epoch
+            yield from (
+                accelerator.skip_first_batches(loader, skip * args.gradient_accumulation_steps) if skip else loader
+            )
+            epoch, skip = epoch + 1, 0
 
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
+    def to_training_batch(batch):
+        return {
+            key: value.to(device, torch.float32 if key == "latents" else weight_dtype) for key, value in batch.items()
+        }
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(
-        student_params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    rng = torch.Generator().manual_seed(args.seed + accelerator.process_index)  # noise, grids, guidance
-    record = run_record(args, family.name, targets)
+    return TrainData(batches, to_training_batch, uncond, validation_text, prepared=dataloader)
 
-    # 2.4 Checkpoints hold the student LoRA, BOTH EMAs and the sampling RNG (accelerate adds optimizer,
-    #     lr schedule, data order and global RNG). Never the frozen base weights.
+
+def _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, preprocessor, uncond, validation_text):
+    """One pass over a streamed data set; each batch is VAE- and text-encoded in the loop (encoders kept)."""
+    device = accelerator.device
+
+    def batches(loader, first_step: int, state: dict):
+        stream = StreamingBatches(
+            dataset,
+            preprocessor,
+            batch_size=args.train_batch_size,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            skip=state.get("stream_rows", 0),  # rows this process read before the checkpoint
+        )
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers)
+        for batch in loader:
+            state["stream_rows"] = int(batch.pop("num_rows"))
+            yield batch
+
+    def to_training_batch(batch):
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        with torch.no_grad(), encoders_on_device(args, pipe, accelerator, *names):
+            text = family.encode_prompts(pipe, batch["captions"], args.max_sequence_length, device=device)
+            latents = encode_images(pipe.vae, batch["pixel_values"])
+        text = {key: value.to(device, weight_dtype) for key, value in text.items()}
+        return {"latents": latents.to(device, torch.float32), **text}
+
+    return TrainData(batches, to_training_batch, uncond, validation_text, prepared=None)
+
+
+def register_checkpoint_hooks(
+    accelerator, transformer, ema, rng: torch.Generator, record: dict, state: dict, adapter: Callable
+) -> None:
+    """A checkpoint is an adapter folder (``load_lora_weights`` and ``scfm-eval --adapter`` read it) plus what
+    resuming needs: the student LoRA and BOTH EMAs (``scfm_state.safetensors``), the run record, the sampling
+    RNG and stream position per process; accelerate adds optimizer, lr schedule, data order and global RNG.
+    Never the frozen base weights. ``adapter(folder)`` writes the student's adapter folder."""
+
     def save_hook(models, weights, folder):
         if weights:  # DeepSpeed saves its own engine state and passes no weights
             weights.pop()
         if accelerator.is_main_process:
+            adapter(folder)
             student = {
                 f"student.{k}": p.detach().float().cpu() for k, p in lora_parameters(transformer, STUDENT).items()
             }
             save_file({**student, **ema.state_dict()}, os.path.join(folder, STATE_FILE))
             Path(folder, RUN_FILE).write_text(json.dumps(record, indent=2))
-        torch.save(rng.get_state(), os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt"))
+        process_state = {"rng": rng.get_state(), "stream_rows": state.get("stream_rows", 0)}
+        torch.save(process_state, os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt"))
 
     def load_hook(models, folder):
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -383,178 +495,80 @@ def main(args: argparse.Namespace) -> Path:
                 f"{folder} is a checkpoint of another run: it has {saved}, this run is {record}. "
                 "Point --resume_from_checkpoint at a checkpoint of this run or change --output_dir."
             )
-        state = load_file(os.path.join(folder, STATE_FILE))
+        tensors = load_file(os.path.join(folder, STATE_FILE))
         with torch.no_grad():
             for key, param in lora_parameters(transformer, STUDENT).items():
-                param.copy_(state.pop(f"student.{key}"))
-        ema.load_state_dict(state)
-        rng.set_state(torch.load(os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt")))
+                param.copy_(tensors.pop(f"student.{key}"))
+        ema.load_state_dict(tensors)
+        process_state = torch.load(os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt"))
+        rng.set_state(process_state["rng"])
+        state["stream_rows"] = process_state["stream_rows"]
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-    max_grad_norm = args.max_grad_norm or family.max_grad_norm
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips in its own step: give it ours
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds_config.get("gradient_clipping", "auto") == "auto":
-            ds_config["gradient_clipping"] = max_grad_norm
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, train_dataloader, lr_scheduler
-    )
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        checkpoint = (
-            latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if checkpoint is None:
-            logger.warning(f"No checkpoint in {output_dir}: starting a new run.")
-        else:
-            accelerator.load_state(str(checkpoint))
-            global_step = int(checkpoint.name.split("-")[-1])
-            first_epoch = global_step // steps_per_epoch
-            skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-            logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+    """Write ``checkpoint-{step}`` atomically: into ``checkpoint-{step}.partial``, renamed once every process is
+    done, so a run killed mid-save never leaves a folder that ``--resume_from_checkpoint latest`` would pick.
+    Under DeepSpeed the engine's files hold the trainable (LoRA) parameters only."""
+    final, partial = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.partial"
     if accelerator.is_main_process:
-        accelerator.init_trackers("scfm-lora", config={k: str(v) for k, v in vars(args).items()})
-
-    # 2.5 Training loop: one call to the objective per step.
-    grid = grid_config(args, family)
-    image_seq_len = family.image_seq_len(cached.latents[:1])
-    has_guidance = getattr(transformer.config, "guidance_embeds", False)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="SCFM", disable=not accelerator.is_local_main_process
-    )
-    validation_images = []
-    for epoch in range(first_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(train_dataloader, skip_batches)
-            if epoch == first_epoch
-            else train_dataloader
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                latents = batch.pop("latents").to(accelerator.device)
-                x0 = family.to_model_space(latents)
-                n = len(x0)
-                noise = torch.randn(x0.shape, generator=rng).to(x0)
-                steps = sample_grid_steps(n, grid, image_seq_len=image_seq_len, generator=rng).to(x0.device)
-                options = {"uncond": uncond, "cfg_scale": args.cfg_scale, "guidance": None}
-                if has_guidance:
-                    low, high = args.guidance_range
-                    options["guidance"] = (low + (high - low) * torch.rand(n, generator=rng)).to(x0.device)
-                text = {k: v.to(accelerator.device) for k, v in batch.items()}
-
-                target = family.velocity_fn(transformer, text, latents.shape, **options)  # unwrapped, no grad
-                out = scfm_loss(
-                    student=family.velocity_fn(model, text, latents.shape, **options),
-                    teacher=ema.wrap("teacher", target),
-                    fast_ema=ema.wrap("fast", target),
-                    slow_ema=ema.wrap("slow", target),
-                    x0=x0,
-                    noise=noise,
-                    steps=steps,
-                )
-                mean_loss = accelerator.gather(out.loss.detach()[None]).mean().item()
-                if not math.isfinite(mean_loss):
-                    last = latest_checkpoint(output_dir)
-                    raise FloatingPointError(
-                        f"Non-finite loss ({mean_loss}) at step {global_step}; training stopped before the update. "
-                        f"Last good checkpoint: {last or 'none'}. Lower --learning_rate or --max_grad_norm, or "
-                        "use bf16 instead of fp16, then --resume_from_checkpoint latest."
-                    )
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(student_params, max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            ema.update()
-            global_step += 1
-            progress.update(1)
-            if args.ema_restart_steps and global_step % args.ema_restart_steps == 0:
-                ema.restart()
-            logs = {
-                "loss": mean_loss,
-                "loss_teacher": out.loss_teacher.item(),
-                "loss_self": out.loss_self.item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-                **loss_by_sigma_bins(steps.sigma, out.loss_per_sample),
-            }
-            progress.set_postfix(
-                {
-                    "loss": f"{mean_loss:.4f}",
-                    "teacher": f"{logs['loss_teacher']:.4f}",
-                    "self": f"{logs['loss_self']:.4f}",
-                }
-            )
-            accelerator.log({k: v for k, v in logs.items() if math.isfinite(v)}, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-            if (
-                args.validation_prompt
-                and accelerator.is_main_process
-                and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps)
-            ):
-                validation_images = validate(
-                    args,
-                    pipe,
-                    accelerator.unwrap_model(model),
-                    validation_text,
-                    uncond,
-                    family,
-                    accelerator,
-                    global_step,
-                )
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
-
-    # 2.6 The adapter folder (weights + settings + scheduler + model card), optionally pushed to the Hub.
+        prune_checkpoints(output_dir, limit)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        settings = inference_settings(args, family, grid, accelerator)
-        which = {"student": "student", "ema_slow": "slow", "ema_fast": "fast"}[args.save_weights]
-        save_adapter(
-            output_dir,
-            accelerator.unwrap_model(model),
-            settings,
-            adapter_name=STUDENT,
-            lora_state_dict=ema.adapter_state_dict(which),
-            scheduler_config=pipe.scheduler.config,
-            validation_images=validation_images,
-            validation_prompts=args.validation_prompt,
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def make_optimizer(args, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def sample_guidance(args, n: int, rng: torch.Generator) -> torch.Tensor:
+    """Flux-dev's embedded guidance per sample: g ~ U[--guidance_range); ``--guidance_scale g`` fixes it, as in
+    diffusers' Flux scripts. The same g goes to the student and every target pass."""
+    low, high = args.guidance_range if args.guidance_scale is None else (args.guidance_scale,) * 2
+    return low + (high - low) * torch.rand(n, generator=rng)
+
+
+def stop_at_end_of_stream(accelerator, args, batch, global_step: int, state: dict) -> None:
+    """Every process stops together, with a clear error, when any one's stream ends before max_train_steps."""
+    ended = accelerator.gather(torch.tensor([batch is None], device=accelerator.device)).any().item()
+    if ended:
+        last = latest_checkpoint(Path(args.output_dir))
+        raise RuntimeError(
+            f"The streamed data set ran out at step {global_step} of --max_train_steps {args.max_train_steps} "
+            f"(process {accelerator.process_index} had used {state.get('stream_rows', 0)} rows; a last partial "
+            f"batch is dropped). Last checkpoint: {last or 'none'}. Add data, or lower --max_train_steps: a run "
+            "needs steps × batch size × accumulation steps rows per process."
         )
-        logger.info(f"Adapter written to {output_dir}.")
-        if args.push_to_hub:
-            url = push_adapter(
-                output_dir,
-                args.hub_model_id or output_dir.resolve().name,
-                token=args.hub_token,
-                private=args.hub_private,
-            )
-            logger.info(f"Pushed to {url}.")
-    accelerator.end_training()
-    return output_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Helpers
+# 3. Validation, settings, checkpoints
 # ---------------------------------------------------------------------------------------------------------
 def inference_settings(args, family, grid: GridSamplerConfig, accelerator) -> SCFMInferenceSettings:
     defaults = get_family(family.name).default_settings
-    guidance = args.guidance_scale or (args.cfg_scale if family.name == "sd3" else family.inference_guidance_scale)
+    guidance = args.inference_guidance_scale or family.adapter_guidance_scale(args.cfg_scale)
     training = {
         "steps": args.max_train_steps,
         "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -579,8 +593,9 @@ def inference_settings(args, family, grid: GridSamplerConfig, accelerator) -> SC
 
 
 @torch.no_grad()
-def validate(args, pipe, transformer, text, uncond, family, accelerator, step: int) -> list:
+def validate(args, pipe, transformer, data: TrainData, family, accelerator, step: int) -> list:
     """Sample the validation prompts with the student at the adapter's step count; log and save them."""
+    text, uncond = data.validation_text, data.uncond
     from scfm_diffusers.pipeline_scfm import SCFM_PIPELINE_CLASSES
 
     settings = inference_settings(args, family, grid_config(args, family), accelerator)
@@ -588,24 +603,12 @@ def validate(args, pipe, transformer, text, uncond, family, accelerator, step: i
     scfm_pipe = SCFM_PIPELINE_CLASSES[family.name](**components)
     scfm_pipe.set_scfm_settings(settings)
     scfm_pipe.set_progress_bar_config(disable=True)
-    extra = {}
-    if family.name == "sd3":  # CFG against the empty prompt, as in training
-        n = len(text["prompt_embeds"])
-        extra = {
-            "negative_prompt_embeds": uncond["prompt_embeds"]
-            .expand(n, -1, -1)
-            .to(accelerator.device, transformer.dtype),
-            "negative_pooled_prompt_embeds": uncond["pooled_prompt_embeds"]
-            .expand(n, -1)
-            .to(accelerator.device, transformer.dtype),
-        }
+    text = {key: value.repeat_interleave(args.num_validation_images, dim=0) for key, value in text.items()}
     images = scfm_pipe(
-        prompt_embeds=text["prompt_embeds"].to(accelerator.device, transformer.dtype),
-        pooled_prompt_embeds=text["pooled_prompt_embeds"].to(accelerator.device, transformer.dtype),
+        **family.pipeline_text_kwargs(text, uncond, device=accelerator.device, dtype=transformer.dtype),
         height=args.resolution,
         width=args.resolution,
         generator=torch.Generator().manual_seed(args.seed),
-        **extra,
     ).images
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -621,8 +624,14 @@ def validate(args, pipe, transformer, text, uncond, family, accelerator, step: i
     return images
 
 
+def finished_checkpoints(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders (not partial ones), oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = finished_checkpoints(output_dir)
     return found[-1] if found else None
 
 
@@ -630,10 +639,207 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     """Remove the oldest checkpoints so that, with the one about to be written, at most ``limit`` remain."""
     if not limit:
         return
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = finished_checkpoints(output_dir)
     for old in found[: max(0, len(found) - limit + 1)]:
         logger.info(f"Removing old checkpoint {old}.")
         shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Main
+# ---------------------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> Path:
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # 4.1 Fail fast: the Hub repository is created (token and name checked) before hours of work.
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_adapter_repo(
+            args.hub_model_id or output_dir.resolve().name, token=args.hub_token, private=args.hub_private
+        )
+
+    # 4.2 Base model (its family decides LoRA targets, guidance and grad clip) and data.
+    pipe, family = load_base_model(args, accelerator, weight_dtype)
+    data = prepare_data(args, pipe, family, accelerator, weight_dtype)
+    transformer = pipe.transformer
+
+    # 4.3 Student LoRA + dual EMA as adapters on the one transformer (teacher = adapters disabled).
+    targets = family.lora_target_modules(transformer)
+    transformer.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets),
+        adapter_name=STUDENT,
+    )
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
+        transformer.enable_xformers_memory_efficient_attention()
+    ema = DualLoraEMA(transformer, STUDENT, fast_decay=args.fast_ema_decay, slow_decay=args.slow_ema_decay)
+    cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA in fp32 under mixed precision
+    student_params = list(lora_parameters(transformer, STUDENT).values())
+    optimizer = make_optimizer(args, student_params)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    rng = torch.Generator().manual_seed(args.seed + accelerator.process_index)  # noise, grids, guidance
+    data_state: dict = {}  # the stream position (streaming), saved with each checkpoint
+    grid = grid_config(args, family)
+
+    def write_adapter(folder, lora_state_dict=None, images=(), prompts=None):
+        save_adapter(
+            folder,
+            transformer,
+            inference_settings(args, family, grid, accelerator),
+            adapter_name=STUDENT,
+            lora_state_dict=lora_state_dict,
+            scheduler_config=pipe.scheduler.config,
+            validation_images=list(images),
+            validation_prompts=prompts,
+        )
+
+    record = run_record(args, family.name, targets)
+    register_checkpoint_hooks(accelerator, transformer, ema, rng, record, data_state, adapter=write_adapter)
+    max_grad_norm = args.max_grad_norm or family.max_grad_norm
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips in its own step: give it ours
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = max_grad_norm
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # bucket batches / streams hide it
+            ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    if data.prepared is not None:
+        model, optimizer, data.prepared, lr_scheduler = accelerator.prepare(
+            transformer, optimizer, data.prepared, lr_scheduler
+        )
+    else:  # a stream is split between processes by `datasets` itself
+        model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = (
+            latest_checkpoint(output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
+        if checkpoint is None:
+            logger.warning(f"No checkpoint in {output_dir}: starting a new run.")
+        else:
+            deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+            accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {}))
+            global_step = int(CHECKPOINT.fullmatch(checkpoint.name).group(1))
+            logger.info(f"Resumed from {checkpoint} at step {global_step}.")
+    if accelerator.is_main_process:
+        # Never the token: trackers upload their config (tensorboard hparams, wandb).
+        config = {k: str(v) for k, v in vars(args).items() if k not in SECRET_FLAGS}
+        accelerator.init_trackers("scfm-lora", config=config)
+
+    # 4.4 Training loop: one call to the objective per step.
+    has_guidance = getattr(transformer.config, "guidance_embeds", False)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="SCFM", disable=not accelerator.is_local_main_process
+    )
+    validation_images = []
+    batches = data.batches(data.prepared, global_step, data_state)
+    while global_step < args.max_train_steps:
+        raw = next(batches, None)
+        if data.prepared is None:
+            stop_at_end_of_stream(accelerator, args, raw, global_step, data_state)
+        batch = data.to_training_batch(raw)
+        with accelerator.accumulate(model):
+            latents = batch.pop("latents")
+            x0 = family.to_model_space(latents)
+            n = len(x0)
+            noise = torch.randn(x0.shape, generator=rng).to(x0)
+            steps = sample_grid_steps(n, grid, image_seq_len=family.image_seq_len(latents), generator=rng)
+            steps = steps.to(x0.device)
+            options = {"uncond": data.uncond, "cfg_scale": args.cfg_scale, "guidance": None}
+            if has_guidance:
+                options["guidance"] = sample_guidance(args, n, rng).to(x0.device)
+
+            target = family.velocity_fn(transformer, batch, latents.shape, **options)  # unwrapped, no grad
+            out = scfm_loss(
+                student=family.velocity_fn(model, batch, latents.shape, **options),
+                teacher=ema.wrap("teacher", target),
+                fast_ema=ema.wrap("fast", target),
+                slow_ema=ema.wrap("slow", target),
+                x0=x0,
+                noise=noise,
+                steps=steps,
+            )
+            mean_loss = accelerator.gather(out.loss.detach()[None]).mean().item()
+            if not math.isfinite(mean_loss):
+                last = latest_checkpoint(output_dir)
+                raise FloatingPointError(
+                    f"Non-finite loss ({mean_loss}) at step {global_step}; training stopped before the update. "
+                    f"Last good checkpoint: {last or 'none'}. Lower --learning_rate or --max_grad_norm, or "
+                    "use bf16 instead of fp16, then --resume_from_checkpoint latest."
+                )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(student_params, max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if not accelerator.sync_gradients:
+            continue
+        ema.update()
+        global_step += 1
+        progress.update(1)
+        if args.ema_restart_steps and global_step % args.ema_restart_steps == 0:
+            ema.restart()
+        logs = {
+            "loss": mean_loss,
+            "loss_teacher": out.loss_teacher.item(),
+            "loss_self": out.loss_self.item(),
+            "lr": lr_scheduler.get_last_lr()[0],
+            **loss_by_sigma_bins(steps.sigma, out.loss_per_sample),
+        }
+        progress.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "loss_teacher", "loss_self")})
+        accelerator.log({k: v for k, v in logs.items() if math.isfinite(v)}, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        if (
+            args.validation_prompt
+            and accelerator.is_main_process
+            and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps)
+        ):
+            with encoders_on_device(args, pipe, accelerator, "vae"):
+                validation_images = validate(
+                    args, pipe, accelerator.unwrap_model(model), data, family, accelerator, global_step
+                )
+
+    # 4.5 The adapter folder (weights + settings + scheduler + model card), optionally pushed to the Hub.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        which = {"student": "student", "ema_slow": "slow", "ema_fast": "fast"}[args.save_weights]
+        prompts = [args.validation_prompt] * len(validation_images)
+        write_adapter(output_dir, ema.adapter_state_dict(which), validation_images, prompts)
+        logger.info(f"Adapter written to {output_dir}.")
+        if args.push_to_hub:
+            url = push_adapter(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            logger.info(f"Pushed to {url}.")
+    accelerator.end_training()
+    return output_dir
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ import PIL.Image
 import pytest
 import torch
 import yaml
+from conftest import write_webdataset
 from safetensors.torch import load_file
 
 from scfm_diffusers import FlowMatchSCFMScheduler
+from scfm_diffusers.training.cache import LatentCache
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_scfm_lora.py"
@@ -51,6 +53,7 @@ RESOLUTION = {
     "sd3": 16,
 }  # the tiny VAEs do not downsample: 32 px Flux → 256 packed tokens, 16 px SD3 → 256
 NUM_IMAGES = 8
+HUB_TOKEN = "hf_TESTTOKENnotarealtoken0123456789"  # must never be written anywhere
 # The cheapest settings that still run every part of the objective.
 TINY = [
     "--max_sequence_length", "8",
@@ -92,6 +95,7 @@ def train_script():
     """The example script as a module (it is not a package)."""
     spec = importlib.util.spec_from_file_location("train_scfm_lora", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
     spec.loader.exec_module(module)
     return module
 
@@ -197,9 +201,12 @@ def test_single_process_run_writes_a_stock_loadable_adapter(family, saved_pipeli
         "--checkpointing_steps", "1",
         "--checkpoints_total_limit", "2",
         "--validation_prompt", "a red square",
+        "--num_validation_images", "2",
         "--validation_steps", "2",
+        "--report_to", "tensorboard",
+        "--hub_token", HUB_TOKEN,
     )  # fmt: skip
-    launch(["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"], argv)
+    log = launch(["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"], argv)
 
     for name in (
         "pytorch_lora_weights.safetensors",
@@ -217,14 +224,29 @@ def test_single_process_run_writes_a_stock_loadable_adapter(family, saved_pipeli
     assert checkpoints(output_dir) == ["checkpoint-2", "checkpoint-3"]
     for name in ("scfm_state.safetensors", "scfm_run.json", "scfm_rng_0.pt"):
         assert (output_dir / "checkpoint-3" / name).is_file()
-    # Validation images at step 2 and at the end.
+    # --num_validation_images of --validation_prompt at step 2 and at the end, as in diffusers' scripts.
     assert sorted(p.name for p in (output_dir / "validation").glob("*.png")) == [
         "step000002_0.png",
+        "step000002_1.png",
         "step000003_0.png",
+        "step000003_1.png",
     ]
 
     assert_adapter_is_student(output_dir, output_dir / "checkpoint-3")
     assert_adapter_changes_stock_output(family, saved_pipelines[family], output_dir)
+    # A checkpoint is an adapter folder too: the stock loader reads it and it is the same student.
+    pipe = stock_pipeline(family, saved_pipelines[family])
+    pipe.load_lora_weights(output_dir / "checkpoint-3")
+    from_checkpoint = sample(pipe, output_dir / "checkpoint-3", family)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(output_dir)
+    torch.testing.assert_close(from_checkpoint, sample(pipe, output_dir, family), rtol=0, atol=0)
+    # The token never reaches trackers, logs or files (tensorboard event files included).
+    assert HUB_TOKEN not in log
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert HUB_TOKEN.encode() not in path.read_bytes(), f"the Hub token leaked into {path}"
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +333,90 @@ def test_data_free_few_shot_run_saves_the_slow_ema(train_script, saved_pipelines
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 2b. Real-scale data paths: aspect-ratio buckets (cached) and streaming (encoded on the fly)
+# ---------------------------------------------------------------------------------------------------------
+BUCKET_RESOLUTION = 48  # buckets (32, 64), (48, 48), (64, 32): every shape below stays cheap for both families
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_bucketed_run_keeps_aspect_ratios_and_skips_too_small_images(
+    family, train_script, saved_pipelines, tmp_path, caplog
+):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sizes = [(70, 34), (72, 36), (34, 70), (36, 72), (50, 50), (52, 52), (20, 20)]  # (w, h); the last is too small
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate(sizes):
+        PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n" for i in range(len(sizes)))
+    )
+    argv = script_args(saved_pipelines[family], folder, tmp_path / "out", family, "--aspect_ratio_buckets")
+    argv[argv.index("--resolution") + 1] = str(BUCKET_RESOLUTION)
+    with caplog.at_level(logging.WARNING):
+        out = train_script.main(
+            train_script.parse_args(
+                [*argv, "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "3"]
+            )
+        )
+    index = json.loads((out / "cache" / "latents" / "cache_index.json").read_text())
+    assert len(index["bucket_shapes"]) == 3 and index["num_rows"] == 6
+    assert [s["reason"] for s in index["skipped"]] == [
+        "too small"
+    ] and "Skipped 1 of 7 images (1 too small)" in caplog.text
+    assert json.loads((out / "scfm_settings.json").read_text())["training"]["resolution"] == BUCKET_RESOLUTION
+    assert_adapter_is_student(out, out / "checkpoint-3")
+    assert_adapter_changes_stock_output(family, saved_pipelines[family], out)
+
+
+def streaming_args(pipeline: str, shard: str, output_dir: Path, family: str, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", pipeline,
+        "--dataset_name", "webdataset",
+        "--data_files", shard,
+        "--image_column", "png",
+        "--caption_column", "txt",
+        "--streaming",
+        "--output_dir", str(output_dir),
+        "--resolution", str(RESOLUTION[family]),
+        "--train_batch_size", "2",
+        *TINY,
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_streaming_webdataset_run_writes_a_loadable_adapter(family, train_script, saved_pipelines, tmp_path):
+    shard = write_webdataset(tmp_path / "wds", [(40, 36)] * 8)
+    argv = streaming_args(
+        saved_pipelines[family], shard, tmp_path / "out", family, "--max_train_steps", "2", "--offload"
+    )
+    out = train_script.main(train_script.parse_args([*argv, "--checkpointing_steps", "2"]))
+    assert not (out / "cache" / "latents").exists(), "a streamed run must not build a cache"
+    assert torch.load(out / "checkpoint-2" / "scfm_rng_0.pt")["stream_rows"] == 4
+    assert_adapter_is_student(out, out / "checkpoint-2")
+    assert_adapter_changes_stock_output(family, saved_pipelines[family], out)
+
+
+@pytest.mark.slow
+def test_a_stream_that_ends_early_stops_clearly_and_keeps_the_last_checkpoint(train_script, saved_pipelines, tmp_path):
+    shard = write_webdataset(tmp_path / "wds", [(40, 36)] * 9)  # 4 batches of 2
+    out = tmp_path / "out"
+    argv = streaming_args(saved_pipelines["flux"], shard, out, "flux", "--max_train_steps", "10")
+    with pytest.raises(
+        RuntimeError, match=r"streamed data set ran out at step 4 of --max_train_steps 10 \(process 0 had used 8 rows"
+    ):
+        train_script.main(train_script.parse_args([*argv, "--checkpointing_steps", "2"]))
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4" / "scfm_state.safetensors").is_file()
+    # Resuming reads on from where the checkpoint was: the 1 row left is not a batch, so it stops at once.
+    with pytest.raises(RuntimeError, match=r"ran out at step 4 .* used 8 rows"):
+        train_script.main(train_script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 3. Distributed launchers on CPU: two-process DDP (gloo) and one-process DeepSpeed ZeRO-2
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -325,6 +431,7 @@ def test_two_process_ddp_on_cpu(saved_pipelines, image_folder, tmp_path):
         "--max_train_steps", "2",
         "--learning_rate", "1e-3",
         "--checkpointing_steps", "2",
+        "--cache_shard_size", "2",
     )  # fmt: skip
     launch(
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"],
@@ -336,6 +443,54 @@ def test_two_process_ddp_on_cpu(saved_pipelines, image_folder, tmp_path):
     assert json.loads((output_dir / "scfm_settings.json").read_text())["training"]["batch_size"] == 4
     assert_adapter_is_student(output_dir, output_dir / "checkpoint-2")
     assert_adapter_changes_stock_output("flux", saved_pipelines["flux"], output_dir)
+
+    # Both processes built cache shards, and the result equals the cache one process builds alone.
+    single_dir = tmp_path / "single"
+    argv[argv.index("--output_dir") + 1] = str(single_dir)
+    launch(["--cpu", "--num_processes", "1", "--mixed_precision", "no"], argv)
+    two, one = (LatentCache(d / "cache" / "latents") for d in (output_dir, single_dir))
+    assert len(one) == len(two) == NUM_IMAGES and one.fingerprint == two.fingerprint
+    for row in range(len(one)):
+        for key, value in one[row].items():
+            assert torch.equal(value, two[row][key]), f"row {row}: {key} differs between 1 and 2 processes"
+
+
+@pytest.mark.slow
+def test_two_process_data_free_generation_and_caching_equal_one_process(saved_pipelines, tmp_path):
+    """Both processes draw teacher images and encode shards; the result is what one process makes alone."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a picture of the number {i}" for i in range(5)) + "\n")
+    outputs = {1: tmp_path / "one", 2: tmp_path / "two"}
+    for processes, output_dir in outputs.items():
+        argv = [
+            "--pretrained_model_name_or_path", saved_pipelines["flux"],
+            "--prompts_file", str(prompts),
+            "--teacher_num_inference_steps", "2",
+            "--teacher_images_per_prompt", "2",
+            "--output_dir", str(output_dir),
+            "--resolution", "16",
+            *TINY,
+            "--train_batch_size", "2",
+            "--max_train_steps", "1",
+            "--cache_shard_size", "3",
+        ]  # fmt: skip
+        if processes == 1:
+            launch(["--cpu", "--num_processes", "1", "--mixed_precision", "no"], argv)
+        else:
+            launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+            launch(launcher, argv, env={"ACCELERATE_USE_CPU": "true"})
+    teacher = {n: out / "cache" / "teacher_data" for n, out in outputs.items()}
+    names = sorted(p.name for p in teacher[2].glob("*.png"))
+    assert names == sorted(p.name for p in teacher[1].glob("*.png")) and len(names) == 10
+    for name in names:
+        a, b = (np.asarray(PIL.Image.open(teacher[n] / name)) for n in (1, 2))
+        assert np.array_equal(a, b), f"{name} differs between 1 and 2 processes"
+    assert (teacher[2] / "metadata.jsonl").read_text() == (teacher[1] / "metadata.jsonl").read_text()
+    one, two = (LatentCache(out / "cache" / "latents") for out in outputs.values())
+    assert len(one) == len(two) == 10 and one.num_captions == two.num_captions == 5  # each prompt encoded once
+    for row in range(len(one)):
+        for key, value in one[row].items():
+            assert torch.equal(value, two[row][key]), f"row {row}: {key} differs between 1 and 2 processes"
 
 
 @pytest.mark.slow
@@ -359,6 +514,12 @@ def test_one_process_deepspeed_zero2_on_cpu(saved_pipelines, image_folder, tmp_p
     checkpoint = output_dir / "checkpoint-2"
     assert (checkpoint / "pytorch_model").is_dir(), sorted(p.name for p in checkpoint.iterdir())
     assert (checkpoint / "scfm_state.safetensors").is_file()
+    # The engine's model file holds the trainable student LoRA only, never the frozen base (or EMA) weights.
+    (model_file,) = (checkpoint / "pytorch_model").rglob("*model_states.pt")
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    assert module and all("lora_" in key and ".default." in key for key in module), sorted(module)[:5]
+    base_bytes = sum(p.stat().st_size for p in Path(saved_pipelines["flux"], "transformer").glob("*.safetensors"))
+    assert model_file.stat().st_size < base_bytes / 2
     assert_adapter_is_student(output_dir, checkpoint)
     assert_adapter_changes_stock_output("flux", saved_pipelines["flux"], output_dir)
 
@@ -366,6 +527,25 @@ def test_one_process_deepspeed_zero2_on_cpu(saved_pipelines, image_folder, tmp_p
 # ---------------------------------------------------------------------------------------------------------
 # 4. Bad input stops early with a clear message
 # ---------------------------------------------------------------------------------------------------------
+def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script, tmp_path):
+    base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
+    rng = torch.Generator().manual_seed(0)
+    sampled = train_script.sample_guidance(train_script.parse_args(base), 1000, rng)
+    assert 0.0 <= sampled.min() and sampled.max() < 7.5 and sampled.std() > 1.0  # the method's U[0, 7.5)
+    fixed = train_script.sample_guidance(train_script.parse_args([*base, "--guidance_scale", "3.5"]), 8, rng)
+    assert torch.equal(fixed, torch.full((8,), 3.5))
+
+
+def test_a_partial_checkpoint_is_never_resumed_from(train_script, tmp_path):
+    """Checkpoints are written as checkpoint-N.partial and renamed when complete: a kill mid-save leaves a
+    folder that neither --resume_from_checkpoint latest nor --checkpoints_total_limit counts."""
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"):
+        (tmp_path / name).mkdir()
+    assert train_script.latest_checkpoint(tmp_path).name == "checkpoint-10"
+    train_script.prune_checkpoints(tmp_path, limit=2)  # room for the one about to be written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"]
+
+
 @pytest.mark.parametrize("class_name", ["DDPMPipeline", "StableDiffusionPipeline"])
 def test_unsupported_model_family(train_script, image_folder, tmp_path, class_name):
     model = tmp_path / "model"
@@ -403,14 +583,17 @@ def test_unreadable_images_are_skipped_and_counted(train_script, saved_pipelines
     with caplog.at_level(logging.WARNING):
         output_dir = train_script.main(args)
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
-    assert re.search(r"Skipped 1 unreadable images, e\.g\. .*garbage_0\.png", caplog.text), caplog.text
-    assert len(load_file(output_dir / "cache" / "latents.safetensors")["latents"]) == 4
+    assert re.search(
+        r"Skipped 1 of 5 images \(1 unreadable\), e\.g\. .*garbage_0\.png \(UnidentifiedImageError", caplog.text
+    ), caplog.text
+    cache = LatentCache(output_dir / "cache" / "latents")
+    assert len(cache) == 4 and [s["source"] for s in cache.index["skipped"]] == [str(data / "garbage_0.png")]
 
 
 def test_all_images_unreadable(train_script, saved_pipelines, tmp_path):
     data = _write_image_folder(tmp_path / "data", num_good=0, num_garbage=3)
     args = train_script.parse_args(script_args(saved_pipelines["flux"], data, tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"All 3 images of the dataset are unreadable.*garbage_0\.png"):
+    with pytest.raises(ValueError, match=r"No usable image among the 3 rows .*garbage_0\.png \(unreadable"):
         train_script.main(args)
 
 

@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,18 @@ class LatentCache(torch.utils.data.Dataset):
         for key in self.text_keys:
             item[key] = text.read(key, row=caption_id % self.text_shard_size)
         return item
+
+    def skipped_summary(self) -> str | None:
+        """One line on the images left out while caching (how many, why, an example), or None if none were."""
+        skipped = self.index["skipped"]
+        if not skipped:
+            return None
+        reasons = ", ".join(f"{n} {why}" for why, n in Counter(s["reason"] for s in skipped).items())
+        first = skipped[0]
+        return (
+            f"Skipped {len(skipped)} of {self.index['num_source_rows']} images ({reasons}), "
+            f"e.g. {first['source']} ({first['error']})."
+        )
 
     def caption(self, index: int) -> str:
         """The caption of row ``index`` (read from its text shard's sidecar)."""

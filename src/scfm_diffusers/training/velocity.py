@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import FluxPipeline
@@ -43,13 +44,16 @@ _EMBEDDERS = [
 ]
 
 
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode_images(
+    vae, pixels: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
     """VAE latents in the transformer's space: ``(z − shift_factor)·scaling_factor``.
 
     Args:
         vae: diffusers ``AutoencoderKL``.
         pixels: ``(B, 3, H, W)`` in [-1, 1].
-        generator: For the posterior sample.
+        generator: For the posterior sample: one, or one per row (then each row's noise depends on its
+            generator only, not on the batch it is in).
 
     Returns:
         ``(B, C, H/f, W/f)`` float32 latents.
@@ -96,8 +100,10 @@ class TrainingFamily:
             raise ValueError(f"None of the {self.name} LoRA targets {self.lora_targets} exist in this transformer.")
         return targets
 
-    def encode_prompts(self, pipeline, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
-        """Per-sample text tensors ``{key: (B, ...)}`` for :attr:`text_keys`."""
+    def encode_prompts(
+        self, pipeline, prompts: list[str], max_sequence_length: int, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample text tensors ``{key: (B, ...)}`` for :attr:`text_keys`, computed on ``device``."""
         raise NotImplementedError
 
     def to_model_space(self, latents: torch.Tensor) -> torch.Tensor:
@@ -114,13 +120,32 @@ class TrainingFamily:
         """A :data:`VelocityFn` calling ``model`` (one adapter setting) with the batch's conditioning."""
         raise NotImplementedError
 
+    def adapter_guidance_scale(self, cfg_scale: float) -> float:
+        """The ``guidance_scale`` an adapter is sampled with by default (Flux: embedded guidance)."""
+        return self.inference_guidance_scale
+
+    def pipeline_text_kwargs(
+        self, text: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], **to: Any
+    ) -> dict[str, Any]:
+        """Pipeline ``__call__`` arguments that condition on cached ``text`` (e.g. for validation images).
+
+        Args:
+            text: ``{"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, D')}``.
+            uncond: The same for the empty prompt (batch 1), for families that use it.
+            **to: ``device`` / ``dtype`` for the tensors.
+        """
+        return {
+            "prompt_embeds": text["prompt_embeds"].to(**to),
+            "pooled_prompt_embeds": text["pooled_prompt_embeds"].to(**to),
+        }
+
 
 class FluxTraining(TrainingFamily):
     """Flux: packed 2×2 latents, positional ids, optional guidance embedding sampled per sample."""
 
-    def encode_prompts(self, pipeline, prompts, max_sequence_length):
+    def encode_prompts(self, pipeline, prompts, max_sequence_length, device=None):
         prompt_embeds, pooled, _ = pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
+            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length, device=device
         )
         return {"prompt_embeds": prompt_embeds.float(), "pooled_prompt_embeds": pooled.float()}
 
@@ -153,11 +178,25 @@ class FluxTraining(TrainingFamily):
 class SD3Training(TrainingFamily):
     """SD3 / SD3.5: explicit CFG with the empty prompt in every velocity; ``timestep = σ·1000``."""
 
-    def encode_prompts(self, pipeline, prompts, max_sequence_length):
+    def adapter_guidance_scale(self, cfg_scale: float) -> float:
+        """The student keeps CFG: it is sampled with the CFG scale it was trained with."""
+        return cfg_scale
+
+    def pipeline_text_kwargs(self, text, uncond, **to):
+        """CFG against the empty prompt, as in training."""
+        n = len(text["prompt_embeds"])
+        return {
+            **super().pipeline_text_kwargs(text, uncond, **to),
+            "negative_prompt_embeds": uncond["prompt_embeds"].expand(n, -1, -1).to(**to),
+            "negative_pooled_prompt_embeds": uncond["pooled_prompt_embeds"].expand(n, -1).to(**to),
+        }
+
+    def encode_prompts(self, pipeline, prompts, max_sequence_length, device=None):
         prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
+            device=device,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
