@@ -2,23 +2,34 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import add_trained_lora, generate
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HFValidationError
+from PIL import Image
 
 from scfm_diffusers import FlowMatchSCFMScheduler, SCFMInferenceSettings, load_adapter_settings, save_adapter
-from scfm_diffusers.adapter import SETTINGS_NAME, WEIGHTS_NAME, push_adapter
+from scfm_diffusers.adapter import SETTINGS_NAME, WEIGHTS_NAME, card_tags, create_adapter_repo, push_adapter
 
 STOCK = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
 
 
-def trained_pipeline_and_adapter(family, saved_pipelines, tmp_path, **settings):
+def trained_pipeline_and_adapter(family, saved_pipelines, tmp_path, images=None, prompts=None, **settings):
     """A stock pipeline carrying a 'trained' LoRA (alpha 8 != rank 4) and the adapter folder saved from it."""
     pipe = STOCK[family].from_pretrained(saved_pipelines[family])
     add_trained_lora(pipe.transformer, rank=4, alpha=8)
     settings = SCFMInferenceSettings.for_family(family, num_inference_steps=3, **settings)
-    folder = save_adapter(tmp_path / "adapter", pipe.transformer, settings, scheduler_config=pipe.scheduler.config)
+    folder = save_adapter(
+        tmp_path / "adapter",
+        pipe.transformer,
+        settings,
+        scheduler_config=pipe.scheduler.config,
+        validation_images=images,
+        validation_prompts=prompts,
+    )
     pipe.scheduler = settings.make_scheduler(pipe.scheduler.config)
     return pipe, folder
 
@@ -35,6 +46,53 @@ def test_folder_layout_and_card(family, saved_pipelines, tmp_path):
     for tag in ("lora", "scfm", "text-to-image", "few-step"):
         assert f"- {tag}\n" in card
     assert "load_lora_weights" in card and "rank / alpha | 4 / 8" in card
+
+
+def test_card_has_diffusers_metadata_and_a_widget_of_the_validation_images(family, saved_pipelines, tmp_path):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = ["a cat", 'a "quoted": prompt # with YAML syntax']
+    _, folder = trained_pipeline_and_adapter(
+        family, saved_pipelines, tmp_path, images=images, prompts=prompts, base_model="org/base", training={"lr": 1e-4}
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "org/base" and card.data.library_name == "diffusers"
+    assert card.data.license == "other" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.tags == card_tags(family)  # each once, as diffusers' populate_model_card added them
+    for tag in ("text-to-image", "diffusers-training", "diffusers", "lora", "template:sd-lora", family, "scfm"):
+        assert tag in card.data.tags
+    assert card.data.widget == [
+        {"text": "a cat", "output": {"url": "images/validation_0.png"}},
+        {"text": prompts[1], "output": {"url": "images/validation_1.png"}},
+    ]
+    for index, image in enumerate(images):
+        np.testing.assert_array_equal(np.asarray(Image.open(folder / f"images/validation_{index}.png")), image)
+    # The body keeps both usage snippets and both tables.
+    assert 'SCFMPipeline.from_pretrained("org/base", adapter="path/to/this/adapter"' in card.text
+    assert f"{STOCK[family].__name__}.from_pretrained" in card.text and "| steps | 3 |" in card.text
+    assert "| lr | 0.0001 |" in card.text and "![a cat](images/validation_0.png)" in card.text
+
+
+def test_card_without_images_has_no_widget(saved_pipelines, tmp_path):
+    _, folder = trained_pipeline_and_adapter("flux", saved_pipelines, tmp_path)
+    card = ModelCard.load(folder / "README.md")
+    assert not (folder / "images").exists() and "widget" not in card.data.to_dict()
+    assert card.data.base_model is None and card.data.tags == card_tags("flux")
+
+
+def test_save_rejects_prompts_that_do_not_match_the_images(saved_pipelines, tmp_path):
+    pipe = FluxPipeline.from_pretrained(saved_pipelines["flux"])
+    add_trained_lora(pipe.transformer)
+    images = [Image.new("RGB", (8, 8))] * 2
+    with pytest.raises(ValueError, match="2 validation images but 1 prompts"):
+        save_adapter(
+            tmp_path / "adapter",
+            pipe.transformer,
+            SCFMInferenceSettings.for_family("flux"),
+            validation_images=images,
+            validation_prompts=["only one"],
+        )
+    assert not (tmp_path / "adapter").exists()  # checked before anything is written
 
 
 def test_stock_loader_reproduces_trained_outputs_exactly(family, saved_pipelines, tmp_path):
@@ -127,3 +185,17 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 def test_push_refuses_incomplete_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a complete SCFM adapter folder"):
         push_adapter(tmp_path, "org/adapter")
+
+
+def test_create_adapter_repo_rejects_bad_names_before_any_request():
+    # conftest sets HF_HUB_OFFLINE: a request would raise OSError, so a ValueError shows none was made.
+    with pytest.raises(ValueError, match="'org/my adapter' is not a valid Hub repository id") as raised:
+        create_adapter_repo("org/my adapter", token="hf_x")
+    assert isinstance(raised.value.__cause__, HFValidationError) and "--hub_model_id" in str(raised.value)
+
+
+def test_create_adapter_repo_offline_says_how_to_fix_it():
+    with pytest.raises(OSError, match="could not be reached") as raised:
+        create_adapter_repo("org/adapter", token="hf_secret_offline_token")
+    assert "HF_HUB_OFFLINE" in str(raised.value) and "hf_secret_offline_token" not in str(raised.value)
+    assert raised.value.__cause__ is not None  # chained, not swallowed

@@ -5,10 +5,13 @@ Layout of a folder (also of a Hub repository)::
     pytorch_lora_weights.safetensors   diffusers LoRA format, with peft's LoRA config (alpha!) as metadata
     scfm_settings.json                 SCFMInferenceSettings: family, steps, shift, guidance, LoRA scale, ...
     scheduler/scheduler_config.json    the FlowMatchSCFMScheduler the adapter was trained for
-    README.md                          model card with Hub metadata and a usage snippet
-    images/                            optional validation images shown in the card
+    README.md                          model card: Hub metadata (tags, widget gallery) and usage snippets
+    images/                            optional validation images, the card's widget gallery
 
 Stock diffusers reads the weights directly: ``FluxPipeline.load_lora_weights(folder_or_repo)``.
+
+Publishing follows the diffusers training scripts: :func:`create_adapter_repo` before training (fails fast on
+a bad token or name), :func:`save_adapter` after it, then :func:`push_adapter`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, hf_hub_download, upload_folder
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, upload_folder
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+)
+from huggingface_hub.utils import httpx, validate_repo_id
 from peft.utils import get_peft_model_state_dict
 
 from .families import FAMILIES, family_of_transformer, get_family
@@ -31,7 +42,10 @@ __all__ = [
     "SETTINGS_NAME",
     "WEIGHTS_NAME",
     "SCFMInferenceSettings",
+    "card_tags",
+    "create_adapter_repo",
     "load_adapter_settings",
+    "model_card",
     "push_adapter",
     "save_adapter",
 ]
@@ -144,13 +158,23 @@ def save_adapter(
         lora_state_dict: Save these LoRA tensors (peft format, e.g. an EMA copy) instead of the adapter's own;
             the LoRA config of ``adapter_name`` still applies.
         scheduler_config: Stock scheduler config to build the SCFM scheduler on (keeps its other keys).
-        validation_images: PIL images to store under ``images/`` and show in the model card.
-        validation_prompts: Captions of ``validation_images``.
+        validation_images: PIL images to store as ``images/validation_<i>.png``; they become the card's widget
+            gallery.
+        validation_prompts: Captions of ``validation_images``, one per image.
 
     Returns:
         The folder path.
+
+    Raises:
+        ValueError: The transformer's family differs from ``settings.family``, it has no adapter
+            ``adapter_name``, or the numbers of validation images and prompts differ.
     """
     directory = Path(directory)
+    if validation_images and validation_prompts is not None and len(validation_prompts) != len(validation_images):
+        raise ValueError(
+            f"Got {len(validation_images)} validation images but {len(validation_prompts)} prompts; the card "
+            "captions image i with prompt i, so pass one prompt per image (or no prompts)."
+        )
     family = family_of_transformer(transformer)
     if family.name != settings.family:
         raise ValueError(f"The transformer is a {family.name} model but the settings say {settings.family!r}.")
@@ -182,6 +206,26 @@ def save_adapter(
     return directory
 
 
+def card_tags(family: str) -> list[str]:
+    """Hub tags of an adapter's card: those of diffusers' LoRA training scripts, the family's, and SCFM's.
+
+    ``template:sd-lora`` makes the Hub render the card's ``widget`` as an image gallery.
+    """
+    family = get_family(family).name
+    return [
+        "text-to-image",
+        "diffusers-training",
+        "diffusers",
+        "lora",
+        "template:sd-lora",
+        family,
+        f"{family}-diffusers",
+        "scfm",
+        "few-step",
+        "flow-matching",
+    ]
+
+
 def model_card(
     settings: SCFMInferenceSettings,
     *,
@@ -191,21 +235,49 @@ def model_card(
     image_paths: list[str] | None = None,
     prompts: list[str] | None = None,
 ) -> ModelCard:
-    """The adapter's model card: Hub metadata (base model, library, tags) and a runnable usage snippet."""
+    """The adapter's model card, laid out as diffusers' LoRA training scripts lay out theirs.
+
+    Metadata: ``base_model``, ``library_name: diffusers``, ``license: other``, ``pipeline_tag``,
+    :func:`card_tags` (added with diffusers' ``populate_model_card``) and a ``widget`` gallery
+    ``[{text: prompt, output: {url: image_path}}, ...]``. Body: usage snippets for :class:`SCFMPipeline` and the
+    stock pipeline, the inference settings and the training record.
+
+    diffusers' ``load_or_create_model_card`` is not used: it first looks the card up on the Hub (anything that
+    is not an existing file is taken for a repository id), which a local, possibly offline save must not do,
+    and it keeps an existing card, whose settings table would then be stale.
+
+    Args:
+        settings: The adapter's inference settings (family, steps, shift, guidance, base model, training record).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (the layers scale by alpha / r).
+        repo_id: Hub id or path the usage snippets load the adapter from; default a placeholder that
+            :func:`push_adapter` replaces with the repository id.
+        image_paths: Validation images, relative to the card's folder (``images/validation_<i>.png``).
+        prompts: The prompt of each image in ``image_paths``.
+
+    Returns:
+        The card; ``card.save(folder / "README.md")`` writes it.
+
+    Raises:
+        ValueError: ``prompts`` and ``image_paths`` have different lengths.
+    """
     family = get_family(settings.family)
+    image_paths = list(image_paths or [])
+    prompts = list(prompts) if prompts is not None else [""] * len(image_paths)
+    if len(prompts) != len(image_paths):
+        raise ValueError(f"Got {len(image_paths)} card images but {len(prompts)} prompts; pass one prompt per image.")
+    widget = [{"text": prompt, "output": {"url": path}} for prompt, path in zip(prompts, image_paths)]
     data = ModelCardData(
         base_model=settings.base_model,
         library_name="diffusers",
         license="other",
-        tags=["text-to-image", "lora", "diffusers", "scfm", "few-step", "flow-matching", family.name],
         pipeline_tag="text-to-image",
+        widget=widget or None,
     )
     adapter = repo_id or _ADAPTER_PLACEHOLDER
     base = settings.base_model or "path/to/base/model"
     steps = settings.num_inference_steps
-    images = "".join(
-        f"\n![{(prompts or [''] * len(image_paths))[i]}]({path})" for i, path in enumerate(image_paths or [])
-    )
+    images = "".join(f"\n![{prompt}]({path})" for prompt, path in zip(prompts, image_paths))
     training = "".join(f"\n| {key} | {value} |" for key, value in sorted(settings.training.items()))
     body = f"""
 # SCFM {steps}-step LoRA for {base}
@@ -228,6 +300,7 @@ image = pipe("a photo of a cat").images[0]  # {steps} steps, shift {settings.shi
 or with the stock pipeline:
 
 ```python
+import torch
 from diffusers import {family.pipeline_class.__name__}
 from scfm_diffusers import FlowMatchSCFMScheduler
 
@@ -252,7 +325,7 @@ image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={se
 | parameter | value |
 |---|---|{training}
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"), tags=card_tags(family.name))
 
 
 def _is_local(adapter: str | os.PathLike) -> bool:
@@ -301,6 +374,99 @@ def load_adapter_settings(
     return SCFMInferenceSettings.from_dict(data)
 
 
+def _safe_cause(error: Exception, token: str | None) -> Exception | None:
+    """``error`` to chain to a Hub failure, or None if its text holds the token (the failure's message then
+    carries the Hub's answer with the token masked, so nothing is lost but the secret)."""
+    seen, link = [], error
+    while link is not None and link not in seen:  # the error and everything chained to it
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return None if token and any(token in f"{link!r} {link}" for link in seen) else error
+
+
+def _hub_failure(action: str, repo_id: str, error: Exception, token: str | None) -> Exception:
+    """A clear error for a failed Hub call: what failed, the Hub's answer, how to fix it. Never shows the token."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    answer = f"{type(error).__name__}: {error}"
+    if token:  # the Hub does not echo tokens, but a proxy or a future message might
+        answer = answer.replace(token, "<token>")
+    login = (
+        "Log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0), set HF_TOKEN, or pass a "
+        "token with write access (--hub_token in the training script); tokens: https://huggingface.co/settings/tokens."
+    )
+    if isinstance(error, LocalTokenNotFoundError):
+        return PermissionError(f"Cannot {action} {repo_id!r}: no Hugging Face token found. {login}")
+    if status == 401:
+        return PermissionError(
+            f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} refused the token (401 Unauthorized; "
+            f"{answer}). The token is invalid, expired or revoked. {login}"
+        )
+    if status == 403:
+        return PermissionError(
+            f"Cannot {action} {repo_id!r}: the token may not write to the namespace {repo_id.split('/')[0]!r} "
+            f"(403 Forbidden; {answer}). Use your user name or an organisation you can write to as the namespace, "
+            f"or a token with write access to it. {login}"
+        )
+    if status is not None:
+        return OSError(
+            f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} answered {status} ({answer}). "
+            "Check the repository name ('name' or 'namespace/name') and the Hub's status, then try again."
+        )
+    return OSError(
+        f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} could not be reached ({answer}). Check the "
+        "network, HF_ENDPOINT, and that HF_HUB_OFFLINE is not set."
+    )
+
+
+def create_adapter_repo(repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Create the Hub model repository of an adapter, or reuse it if it exists, and check the token can write.
+
+    Call it before training, as diffusers' training scripts call ``create_repo`` first: a missing, refused or
+    read-only token, or a bad name, then fails in seconds instead of after hours of training. The upload at the
+    end (:func:`push_adapter`) reuses the repository.
+
+    Args:
+        repo_id: ``"name"`` (in the token owner's namespace) or ``"namespace/name"``.
+        token: Hub token with write access; default the logged-in one (``hf auth login`` or ``HF_TOKEN``).
+            It is only sent to the Hub: never logged nor written anywhere.
+        private: Create the repository private (ignored if it already exists).
+
+    Returns:
+        The full repository id, ``"namespace/name"``.
+
+    Raises:
+        ValueError: ``repo_id`` is not a valid Hub repository id.
+        PermissionError: No token was found, or the Hub refused it, or it is read-only or may not write to the
+            namespace.
+        OSError: The Hub could not be reached or refused the creation for another reason.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repository id ({error}). Expected 'name' or 'namespace/name' of at most "
+            "96 letters, digits, '-', '_' and '.'; check --hub_model_id."
+        ) from error
+    api = HfApi()
+    action = "create the Hub repository"
+    try:
+        # create_repo alone is not enough: for an existing repository it answers a refused or missing token by
+        # reading the repository instead, and the upload would then fail after training. whoami checks the token.
+        access = (api.whoami(token=token).get("auth") or {}).get("accessToken") or {}
+    except (OSError, httpx.HTTPError) as error:  # HfHubHTTPError and LocalTokenNotFoundError are OSErrors
+        raise _hub_failure(action, repo_id, error, token) from _safe_cause(error, token)
+    if access.get("role") == "read":
+        raise PermissionError(
+            f"Cannot {action} {repo_id!r}: the token is read-only. Create a token with write access at "
+            "https://huggingface.co/settings/tokens and log in with it (`hf auth login`) or pass it (--hub_token)."
+        )
+    try:
+        repo = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    except (OSError, httpx.HTTPError) as error:
+        raise _hub_failure(action, repo_id, error, token) from _safe_cause(error, token)
+    return repo.repo_id
+
+
 def push_adapter(
     directory: str | os.PathLike,
     repo_id: str,
@@ -310,23 +476,39 @@ def push_adapter(
     commit_message: str = "Upload SCFM adapter",
     ignore_patterns: tuple[str, ...] = WORK_PATTERNS,
 ) -> str:
-    """Create (or reuse) the Hub model repository ``repo_id`` and upload the whole adapter folder.
+    """Upload a whole adapter folder to the Hub model repository ``repo_id``, creating it if needed.
 
-    The training script's work folders below it (checkpoints, caches, logs: :data:`WORK_PATTERNS`) stay
-    local; everything else in the folder is uploaded.
+    The repository may exist already (made by :func:`create_adapter_repo` before training, or an earlier push).
+    The card's usage snippets are pointed at the full repository id first. The training script's work folders
+    (checkpoints, caches, logs: :data:`WORK_PATTERNS`) stay local; everything else in the folder is uploaded.
+
+    Args:
+        directory: An adapter folder written by :func:`save_adapter`.
+        repo_id: ``"name"`` (in the token owner's namespace) or ``"namespace/name"``.
+        token: Hub token with write access; default the logged-in one.
+        private: Create the repository private if it does not exist yet.
+        commit_message: Message of the upload commit.
+        ignore_patterns: Glob patterns of files below ``directory`` not to upload.
 
     Returns:
         The URL of the commit.
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a complete adapter folder.
+        ValueError, PermissionError, OSError: As :func:`create_adapter_repo`.
     """
     directory = Path(directory)
     if not (directory / WEIGHTS_NAME).is_file() or not (directory / SETTINGS_NAME).is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not a complete SCFM adapter folder; nothing pushed.")
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a complete SCFM adapter folder (it needs {WEIGHTS_NAME} and {SETTINGS_NAME}; "
+            "write one with save_adapter); nothing pushed."
+        )
+    repo_id = create_adapter_repo(repo_id, token=token, private=private)
     card_path = directory / "README.md"
-    if card_path.is_file():  # point the card's usage snippet at the repository it is pushed to
+    if card_path.is_file():  # point the card's usage snippets at the repository it is pushed to
         card_path.write_text(card_path.read_text().replace(_ADAPTER_PLACEHOLDER, repo_id))
-    repo = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     commit = upload_folder(
-        repo_id=repo.repo_id,
+        repo_id=repo_id,
         folder_path=directory,
         token=token,
         commit_message=commit_message,
