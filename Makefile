@@ -11,7 +11,7 @@ $(STAMP): setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e ".[train,test]" "deepspeed>=0.16"
+	$(PIP) -q -e ".[train,test,quantization]" "deepspeed>=0.16"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,11 +19,13 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "train": ["datasets>=3.0", "bitsandbytes>=0.45", "tensorboard", "scikit-learn", "matplotlib"],
     "deepspeed": ["deepspeed>=0.16"],
+    # Quantized base (QLoRA-style): bitsandbytes nf4 / int8 on CUDA, torchao int8 / fp8 weight-only (CPU too).
+    "quantization": ["bitsandbytes>=0.45", "torchao>=0.15"],
     "xformers": ["xformers"],
     "test": ["pytest>=8", "pytest-xdist", "ruff>=0.6"],
     "docs": ["mkdocs", "mkdocs-material"],
 }
-EXTRAS["dev"] = sorted({req for name in ("train", "test") for req in EXTRAS[name]})
+EXTRAS["dev"] = sorted({req for name in ("train", "test", "quantization") for req in EXTRAS[name]})
 
 setup(
     name="scfm-diffusers",

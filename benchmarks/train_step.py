@@ -8,16 +8,19 @@ memory reference. All variants run interleaved in ONE process (time) and each in
 
     python benchmarks/train_step.py                           # CPU, a small Flux transformer
     python benchmarks/train_step.py --preset flux-dev --device cuda --dtype bf16 --resolution 512 --text_tokens 256 \\
-        --rank 64 --batch_size 1 --steps 10 --separate_processes [--gradient_checkpointing] [--use_8bit_adam]
+        --rank 64 --batch_size 1 --steps 10 --separate_processes [--gradient_checkpointing] [--use_8bit_adam] \\
+        [--quantize_base nf4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -69,6 +72,8 @@ def build(args):
             )
     finally:
         torch.set_default_dtype(previous)
+    if args.quantize_base:  # the training script's path: a saved transformer loaded quantized
+        transformer = quantized_copy(transformer, args, dtype)
     transformer.requires_grad_(False)
     family = get_training_family("flux")
     transformer.add_adapter(
@@ -82,6 +87,18 @@ def build(args):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return transformer, family, dtype
+
+
+def quantized_copy(transformer, args, dtype):
+    """Save ``transformer`` and load it back quantized with ``load_quantized_transformer`` (as --quantize_base)."""
+    from scfm_diffusers.training.quantization import load_quantized_transformer
+
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as folder:
+        transformer.save_pretrained(os.path.join(folder, "transformer"))
+        del transformer
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return load_quantized_transformer(folder, "flux", args.quantize_base, torch_dtype=dtype, device=args.device)
 
 
 def make_batch(args, transformer, dtype):
@@ -184,6 +201,12 @@ def main():
     p.add_argument("--steps", type=int, default=12, help="Timed steps per variant (after 2 warm-up steps).")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument(
+        "--quantize_base",
+        default=None,
+        help="Quantize the base like the script's --quantize_base (nf4, int8: CUDA; torchao-int8, torchao-fp8).",
+    )
+    p.add_argument("--tmp_dir", default=None, help="Where the transformer is saved before a quantized load.")
     p.add_argument(
         "--separate_processes",
         action="store_true",

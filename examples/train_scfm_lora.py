@@ -67,6 +67,12 @@ from scfm_diffusers.training.data import (
 )
 from scfm_diffusers.training.ema import DualLoraEMA, lora_parameters
 from scfm_diffusers.training.objective import loss_by_sigma_bins, scfm_loss
+from scfm_diffusers.training.quantization import (
+    QUANTIZATION_CHOICES,
+    check_distributed_support,
+    ddp_ignore_quantized_weights,
+    load_quantized_transformer,
+)
 from scfm_diffusers.training.teacher_data import generate_teacher_images
 from scfm_diffusers.training.timesteps import GridSamplerConfig, sample_grid_steps
 from scfm_diffusers.training.velocity import encode_images, get_training_family
@@ -90,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--revision", default=None, help="Hub revision of the base model.")
     model.add_argument("--variant", default=None, help="Weights variant of the base model (e.g. fp16).")
+    model.add_argument(
+        "--quantize_base",
+        choices=list(QUANTIZATION_CHOICES),
+        default=None,
+        help="Load the base transformer (= the teacher) quantized, QLoRA-style (docs/quantization.md): "
+        + "; ".join(f"{c.name}: {c.description}" for c in QUANTIZATION_CHOICES.values()),
+    )
 
     data = p.add_argument_group("data (exactly one of --dataset_name, --train_data_dir, --prompts_file)")
     data.add_argument("--dataset_name", default=None, help="`datasets` dataset: Hub id or local folder.")
@@ -277,8 +290,23 @@ def load_base_model(args: argparse.Namespace, accelerator: Accelerator, weight_d
     """The base pipeline (frozen) and its training family, read from ``model_index.json``."""
     config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     family = get_training_family(family_of_class_name(config.get("_class_name", "<none>")).name)
+    components = {}
+    if args.quantize_base:  # a quantized base is also a quantized teacher (adapters off), at no extra memory
+        components["transformer"] = load_quantized_transformer(
+            args.pretrained_model_name_or_path,
+            family.name,
+            args.quantize_base,
+            torch_dtype=weight_dtype,
+            revision=args.revision,
+            variant=args.variant,
+            device=accelerator.device,
+        )
     pipe = family.pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+        **components,
     )
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
@@ -673,6 +701,9 @@ def main(args: argparse.Namespace) -> Path:
             args.hub_model_id or output_dir.resolve().name, token=args.hub_token, private=args.hub_private
         )
 
+    if args.quantize_base:  # before loading 12B weights: DeepSpeed / FSDP cannot wrap a quantized base
+        check_distributed_support(args.quantize_base, accelerator.distributed_type)
+
     # 4.2 Base model (its family decides LoRA targets, guidance and grad clip) and data.
     pipe, family = load_base_model(args, accelerator, weight_dtype)
     data = prepare_data(args, pipe, family, accelerator, weight_dtype)
@@ -725,6 +756,8 @@ def main(args: argparse.Namespace) -> Path:
             ds_config["gradient_clipping"] = max_grad_norm
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # bucket batches / streams hide it
             ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    if args.quantize_base:  # DDP must not broadcast the quantized (frozen, identical) base weights
+        ddp_ignore_quantized_weights(transformer)
     if data.prepared is not None:
         model, optimizer, data.prepared, lr_scheduler = accelerator.prepare(
             transformer, optimizer, data.prepared, lr_scheduler

@@ -417,6 +417,33 @@ def test_a_stream_that_ends_early_stops_clearly_and_keeps_the_last_checkpoint(tr
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 2c. A quantized base (QLoRA-style): the teacher is the quantized base with adapters off
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_quantized_base_run_writes_an_adapter_for_the_full_precision_base(
+    family, train_script, saved_pipelines, image_folder, tmp_path
+):
+    pytest.importorskip("torchao", reason="the quantization extra is not installed (the Makefile installs it)")
+    argv = script_args(
+        saved_pipelines[family], image_folder, tmp_path / "out", family, "--quantize_base", "torchao-int8"
+    )
+    out = train_script.main(train_script.parse_args([*argv, "--train_batch_size", "2", "--max_train_steps", "2"]))
+    assert json.loads((out / "checkpoint-2" / "scfm_run.json").read_text())["family"] == family
+    assert_adapter_is_student(out, out / "checkpoint-2")
+    assert_adapter_changes_stock_output(family, saved_pipelines[family], out)  # on the UNquantized stock base
+
+
+def test_quantization_the_device_cannot_run_is_a_clear_error(train_script, saved_pipelines, image_folder, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("bitsandbytes nf4 runs on CUDA")
+    argv = script_args(saved_pipelines["flux"], image_folder, tmp_path / "out", "flux", "--quantize_base", "nf4")
+    with pytest.raises(RuntimeError, match="cannot load on a cpu device.*torchao-int8"):
+        train_script.main(train_script.parse_args(argv))
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 3. Distributed launchers on CPU: two-process DDP (gloo) and one-process DeepSpeed ZeRO-2
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
