@@ -571,6 +571,24 @@ def make_optimizer(args, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
     )
 
 
+def check_launch(distributed_type, quantize_base: str | None) -> None:
+    """Refuse launches this script cannot train correctly, before anything is loaded.
+
+    FSDP: accelerate runs it only on accelerators (on CPU it errors or silently falls back to DDP), so this
+    project cannot test it, and the EMA adapters and checkpoint hooks assume whole LoRA tensors on every
+    process. A quantized base cannot be wrapped by DeepSpeed (or FSDP) either.
+    """
+    if distributed_type == DistributedType.FSDP:
+        raise NotImplementedError(
+            "FSDP is not supported by examples/train_scfm_lora.py yet (untestable without GPUs, and the EMA adapters "
+            "and checkpoints expect whole LoRA tensors). For a base that does not fit one GPU, train on a quantized "
+            "base (--quantize_base nf4) with one process or DDP, or use DeepSpeed ZeRO-2 "
+            "(examples/configs/deepspeed_zero2.yaml); see docs/quantization.md."
+        )
+    if quantize_base:
+        check_distributed_support(quantize_base, distributed_type)
+
+
 def sample_guidance(args, n: int, rng: torch.Generator) -> torch.Tensor:
     """Flux-dev's embedded guidance per sample: g ~ U[--guidance_range); ``--guidance_scale g`` fixes it, as in
     diffusers' Flux scripts. The same g goes to the student and every target pass."""
@@ -701,8 +719,7 @@ def main(args: argparse.Namespace) -> Path:
             args.hub_model_id or output_dir.resolve().name, token=args.hub_token, private=args.hub_private
         )
 
-    if args.quantize_base:  # before loading 12B weights: DeepSpeed / FSDP cannot wrap a quantized base
-        check_distributed_support(args.quantize_base, accelerator.distributed_type)
+    check_launch(accelerator.distributed_type, args.quantize_base)  # before loading 12B weights
 
     # 4.2 Base model (its family decides LoRA targets, guidance and grad clip) and data.
     pipe, family = load_base_model(args, accelerator, weight_dtype)

@@ -554,6 +554,18 @@ def test_one_process_deepspeed_zero2_on_cpu(saved_pipelines, image_folder, tmp_p
 # ---------------------------------------------------------------------------------------------------------
 # 4. Bad input stops early with a clear message
 # ---------------------------------------------------------------------------------------------------------
+def test_fsdp_and_deepspeed_with_a_quantized_base_are_refused_before_loading(train_script):
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(NotImplementedError, match="FSDP is not supported.*--quantize_base nf4"):
+        train_script.check_launch(DistributedType.FSDP, None)
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        train_script.check_launch(DistributedType.DEEPSPEED, "torchao-int8")
+    for ok in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.DEEPSPEED):
+        train_script.check_launch(ok, None)
+    train_script.check_launch(DistributedType.MULTI_GPU, "nf4")
+
+
 def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script, tmp_path):
     base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
     rng = torch.Generator().manual_seed(0)
