@@ -46,6 +46,7 @@ from accelerate.utils import (
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    broadcast_object_list,
     set_seed,
 )
 from diffusers import DiffusionPipeline
@@ -571,6 +572,24 @@ def make_optimizer(args, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
     )
 
 
+def create_hub_repo(args, accelerator) -> str:
+    """Create the Hub repository on the main process; every process stops if that fails (none waits at a
+    barrier for a main process that is gone). The error says what was wrong; the token is never shown."""
+    repo_id, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            name = args.hub_model_id or Path(args.output_dir).resolve().name
+            repo_id = create_adapter_repo(name, token=args.hub_token, private=args.hub_private)
+        except (ValueError, OSError) as error:  # PermissionError is an OSError
+            failure = error
+    outcome = broadcast_object_list([repo_id, None if failure is None else str(failure)])
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise RuntimeError(f"The main process could not create the Hub repository: {outcome[1]}")
+    return outcome[0]
+
+
 def check_launch(distributed_type, quantize_base: str | None) -> None:
     """Refuse launches this script cannot train correctly, before anything is loaded.
 
@@ -713,11 +732,7 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 4.1 Fail fast: the Hub repository is created (token and name checked) before hours of work.
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_adapter_repo(
-            args.hub_model_id or output_dir.resolve().name, token=args.hub_token, private=args.hub_private
-        )
+    repo_id = create_hub_repo(args, accelerator) if args.push_to_hub else None
 
     check_launch(accelerator.distributed_type, args.quantize_base)  # before loading 12B weights
 
