@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
-import re
-import shutil
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -53,13 +49,18 @@ from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory, offload_models
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scfm_diffusers.adapter import SCFMInferenceSettings, create_adapter_repo, push_adapter, save_adapter
 from scfm_diffusers.families import family_of_class_name, get_family
 from scfm_diffusers.training.buckets import BucketBatchSampler, make_buckets
 from scfm_diffusers.training.cache import build_latent_cache
+from scfm_diffusers.training.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    register_checkpoint_hooks,
+    save_checkpoint,
+)
 from scfm_diffusers.training.data import (
     ImageCaptionPreprocessor,
     StreamingBatches,
@@ -80,10 +81,8 @@ from scfm_diffusers.training.velocity import encode_images, get_training_family
 
 logger = get_logger(__name__)
 STUDENT = "default"
-STATE_FILE, RUN_FILE = "scfm_state.safetensors", "scfm_run.json"
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SECRET_FLAGS = ("hub_token",)  # never logged, tracked or written
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # finished checkpoints only (a partial one is checkpoint-N.partial)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,68 +493,6 @@ def _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, prep
     return TrainData(batches, to_training_batch, uncond, validation_text, prepared=None)
 
 
-def register_checkpoint_hooks(
-    accelerator, transformer, ema, rng: torch.Generator, record: dict, state: dict, adapter: Callable
-) -> None:
-    """A checkpoint is an adapter folder (``load_lora_weights`` and ``scfm-eval --adapter`` read it) plus what
-    resuming needs: the student LoRA and BOTH EMAs (``scfm_state.safetensors``), the run record, the sampling
-    RNG and stream position per process; accelerate adds optimizer, lr schedule, data order and global RNG.
-    Never the frozen base weights. ``adapter(folder)`` writes the student's adapter folder."""
-
-    def save_hook(models, weights, folder):
-        if weights:  # DeepSpeed saves its own engine state and passes no weights
-            weights.pop()
-        if accelerator.is_main_process:
-            adapter(folder)
-            student = {
-                f"student.{k}": p.detach().float().cpu() for k, p in lora_parameters(transformer, STUDENT).items()
-            }
-            save_file({**student, **ema.state_dict()}, os.path.join(folder, STATE_FILE))
-            Path(folder, RUN_FILE).write_text(json.dumps(record, indent=2))
-        process_state = {"rng": rng.get_state(), "stream_rows": state.get("stream_rows", 0)}
-        torch.save(process_state, os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt"))
-
-    def load_hook(models, folder):
-        if accelerator.distributed_type != DistributedType.DEEPSPEED:
-            models.pop()
-        saved = json.loads(Path(folder, RUN_FILE).read_text()) if Path(folder, RUN_FILE).is_file() else None
-        if saved != record:
-            raise ValueError(
-                f"{folder} is a checkpoint of another run: it has {saved}, this run is {record}. "
-                "Point --resume_from_checkpoint at a checkpoint of this run or change --output_dir."
-            )
-        tensors = load_file(os.path.join(folder, STATE_FILE))
-        with torch.no_grad():
-            for key, param in lora_parameters(transformer, STUDENT).items():
-                param.copy_(tensors.pop(f"student.{key}"))
-        ema.load_state_dict(tensors)
-        process_state = torch.load(os.path.join(folder, f"scfm_rng_{accelerator.process_index}.pt"))
-        rng.set_state(process_state["rng"])
-        state["stream_rows"] = process_state["stream_rows"]
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
-    """Write ``checkpoint-{step}`` atomically: into ``checkpoint-{step}.partial``, renamed once every process is
-    done, so a run killed mid-save never leaves a folder that ``--resume_from_checkpoint latest`` would pick.
-    Under DeepSpeed the engine's files hold the trainable (LoRA) parameters only."""
-    final, partial = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.partial"
-    if accelerator.is_main_process:
-        prune_checkpoints(output_dir, limit)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
-    accelerator.wait_for_everyone()
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if deepspeed else {}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def make_optimizer(args, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -629,7 +566,7 @@ def stop_at_end_of_stream(accelerator, args, batch, global_step: int, state: dic
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Validation, settings, checkpoints
+# 3. Validation and adapter settings
 # ---------------------------------------------------------------------------------------------------------
 def inference_settings(args, family, grid: GridSamplerConfig, accelerator) -> SCFMInferenceSettings:
     defaults = get_family(family.name).default_settings
@@ -687,27 +624,6 @@ def validate(args, pipe, transformer, data: TrainData, family, accelerator, step
                 "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
             )
     return images
-
-
-def finished_checkpoints(output_dir: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders (not partial ones), oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = finished_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Remove the oldest checkpoints so that, with the one about to be written, at most ``limit`` remain."""
-    if not limit:
-        return
-    found = finished_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit + 1)]:
-        logger.info(f"Removing old checkpoint {old}.")
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -780,7 +696,9 @@ def main(args: argparse.Namespace) -> Path:
         )
 
     record = run_record(args, family.name, targets)
-    register_checkpoint_hooks(accelerator, transformer, ema, rng, record, data_state, adapter=write_adapter)
+    register_checkpoint_hooks(
+        accelerator, transformer, ema, rng=rng, record=record, state=data_state, write_adapter=write_adapter
+    )
     max_grad_norm = args.max_grad_norm or family.max_grad_norm
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips in its own step: give it ours
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -807,9 +725,7 @@ def main(args: argparse.Namespace) -> Path:
         if checkpoint is None:
             logger.warning(f"No checkpoint in {output_dir}: starting a new run.")
         else:
-            deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-            accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {}))
-            global_step = int(CHECKPOINT.fullmatch(checkpoint.name).group(1))
+            global_step = load_checkpoint(accelerator, checkpoint)
             logger.info(f"Resumed from {checkpoint} at step {global_step}.")
     if accelerator.is_main_process:
         # Never the token: trackers upload their config (tensorboard hparams, wandb).

@@ -575,13 +575,15 @@ def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script
     assert torch.equal(fixed, torch.full((8,), 3.5))
 
 
-def test_a_partial_checkpoint_is_never_resumed_from(train_script, tmp_path):
+def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
+    from scfm_diffusers.training.checkpoints import latest_checkpoint, prune_checkpoints
+
     """Checkpoints are written as checkpoint-N.partial and renamed when complete: a kill mid-save leaves a
     folder that neither --resume_from_checkpoint latest nor --checkpoints_total_limit counts."""
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"):
         (tmp_path / name).mkdir()
-    assert train_script.latest_checkpoint(tmp_path).name == "checkpoint-10"
-    train_script.prune_checkpoints(tmp_path, limit=2)  # room for the one about to be written
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    prune_checkpoints(tmp_path, limit=2)  # room for the one about to be written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"]
 
 
