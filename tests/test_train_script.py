@@ -25,7 +25,7 @@ import yaml
 from conftest import write_webdataset
 from safetensors.torch import load_file
 
-from scfm_diffusers import FlowMatchSCFMScheduler
+from scfm_diffusers import FlowMatchSCFMScheduler, SCFMPipeline
 from scfm_diffusers.training.cache import LatentCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +241,9 @@ def test_single_process_run_writes_a_stock_loadable_adapter(family, saved_pipeli
     pipe.unload_lora_weights()
     pipe.load_lora_weights(output_dir)
     torch.testing.assert_close(from_checkpoint, sample(pipe, output_dir, family), rtol=0, atol=0)
+    pipe.unload_lora_weights()
+    scfm = SCFMPipeline.from_pipe(pipe, adapter=output_dir / "checkpoint-3")  # as scfm-eval --adapter does
+    assert scfm.scfm_settings == SCFMPipeline.from_pipe(pipe, adapter=output_dir, adapter_name="final").scfm_settings
     # The token never reaches trackers, logs or files (tensorboard event files included).
     assert HUB_TOKEN not in log
     for path in tmp_path.rglob("*"):
