@@ -437,6 +437,22 @@ def test_quantized_base_run_writes_an_adapter_for_the_full_precision_base(
     assert_adapter_changes_stock_output(family, saved_pipelines[family], out)  # on the UNquantized stock base
 
 
+@pytest.mark.slow
+def test_two_process_ddp_on_a_quantized_base(saved_pipelines, image_folder, tmp_path):
+    pytest.importorskip("torchao", reason="the quantization extra is not installed (the Makefile installs it)")
+    output_dir = tmp_path / "out"
+    argv = script_args(saved_pipelines["flux"], image_folder, output_dir, "flux", "--quantize_base", "torchao-int8")
+    launch(
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"],
+        [*argv, "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-3"],
+        env={"ACCELERATE_USE_CPU": "true"},
+        timeout=300,
+    )
+    assert {p.name for p in (output_dir / "checkpoint-2").glob("scfm_rng_*.pt")} == {"scfm_rng_0.pt", "scfm_rng_1.pt"}
+    assert_adapter_is_student(output_dir, output_dir / "checkpoint-2")
+    assert_adapter_changes_stock_output("flux", saved_pipelines["flux"], output_dir)
+
+
 def test_quantization_the_device_cannot_run_is_a_clear_error(train_script, saved_pipelines, image_folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("bitsandbytes nf4 runs on CUDA")

@@ -367,25 +367,17 @@ def test_pipeline_quantization_config_quantizes_only_the_transformer(wide_pipeli
 # DDP: the quantized weights must be left out of DDP's start-up broadcast
 # ---------------------------------------------------------------------------------------------------------
 @requires_torchao
-def test_ddp_wraps_only_after_ignoring_quantized_weights(wide_pipelines, tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = load_quantized_transformer(
-            wide_pipelines["flux"], "flux", "torchao-int8", torch_dtype=torch.float32, device="cpu"
-        )
-        add_student_and_emas(model)
-        # Documents why the helper exists: DDP's start-up broadcast needs aten.view, which torchao lacks.
-        with pytest.raises(NotImplementedError, match="Int8Tensor"):
-            torch.nn.parallel.DistributedDataParallel(model)
-        ignored = ddp_ignore_quantized_weights(model)
-        assert set(ignored) == quantized_names(model) and ignored
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        run(wrapped, model_inputs(model)).pow(2).mean().backward()
-        assert all(p.grad is not None for p in lora_parameters(model, "default").values())
-    finally:
-        dist.destroy_process_group()
+def test_ddp_ignore_list_names_exactly_the_quantized_weights(wide_pipelines):
+    # DDP's start-up broadcast needs aten.view, which torchao's tensors lack: DDP must skip them. (A real
+    # 2-process DDP run on a quantized base: tests/test_train_script.py, in subprocesses. An in-process DDP
+    # whose construction fails leaves a gloo group whose destructor can hang the test worker.)
+    model = load_quantized_transformer(
+        wide_pipelines["flux"], "flux", "torchao-int8", torch_dtype=torch.float32, device="cpu"
+    )
+    add_student_and_emas(model)
+    ignored = ddp_ignore_quantized_weights(model)
+    assert set(ignored) == quantized_names(model) and ignored
+    assert set(model._ddp_params_and_buffers_to_ignore) == set(ignored)
 
 
 @pytest.mark.parametrize("mode", ["DEEPSPEED", "FSDP"])
