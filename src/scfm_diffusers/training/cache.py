@@ -40,7 +40,7 @@ import os
 import shutil
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,11 +268,6 @@ class LatentCache(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _check_rows(outputs: Mapping[str, torch.Tensor], expected: int) -> None:
     for key, value in outputs.items():
         if value.shape[0] != expected:
@@ -352,6 +347,18 @@ def _build_text_shards(
             del tensors
 
 
+def _encode_rows(
+    batch: list[tuple[int, ImageCaptionSample]], encode_images: ImageEncoder, seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``{"latents.<position>": (C, h, w)}`` for ``(position in shard, sample)`` pairs of one shape."""
+    pixels = torch.stack([sample.pixel_values for _, sample in batch])
+    noise = [row_generator(seed, sample.index, LATENT_NOISE_STREAM) for _, sample in batch]
+    encoded = encode_images(pixels, noise)
+    _check_rows({"latents": encoded}, len(batch))
+    rows = encoded.detach().to("cpu", dtype)
+    return {f"latents.{position}": row.clone() for (position, _), row in zip(batch, rows, strict=True)}
+
+
 def _build_image_shards(
     directory: Path,
     samples: ImageCaptionSamples,
@@ -372,33 +379,32 @@ def _build_image_shards(
     total = sum(min(num_rows, (s + 1) * shard_size) - s * shard_size for s in todo)
     with tqdm(total=total, desc="Caching latents", unit="img", disable=not show_progress or not total) as bar:
         for shard in todo:
-            decoded = list(samples.rows(shard * shard_size, min(num_rows, (shard + 1) * shard_size)))
-            kept = [s for s in decoded if isinstance(s, ImageCaptionSample)]
-            skipped = [s for s in decoded if isinstance(s, SkippedImage)]
-            # Rows of one shape are encoded together, in row order: the grouping depends only on the rows.
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for position, sample in enumerate(kept):
-                by_shape.setdefault(tuple(sample.pixel_values.shape), []).append(position)
-            latents: dict[str, torch.Tensor] = {}
-            for positions in by_shape.values():
-                for batch in _batches(positions, batch_size):
-                    pixels = torch.stack([kept[p].pixel_values for p in batch])
-                    noise = [
-                        row_generator(samples.preprocessor.seed, kept[p].index, LATENT_NOISE_STREAM) for p in batch
-                    ]
-                    encoded = encode_images(pixels, noise)
-                    _check_rows({"latents": encoded}, len(batch))
-                    for p, row_latents in zip(batch, encoded.detach().to("cpu", dtype), strict=True):
-                        latents[f"latents.{p}"] = row_latents.clone()
+            rows, skipped, latents = [], [], {}
+            # Pixels wait in one buffer per shape and are encoded as soon as a batch is full, so a shard never
+            # holds more than batch_size images per shape (256 decoded 1024² images would be 3 GiB). Batches
+            # depend only on the rows, in order: any process builds the same shard.
+            buffers: dict[tuple[int, ...], list[tuple[int, ImageCaptionSample]]] = {}
+            seed = samples.preprocessor.seed
+            for item in samples.rows(shard * shard_size, min(num_rows, (shard + 1) * shard_size)):
+                bar.update(1)
+                if isinstance(item, SkippedImage):
+                    skipped.append(item)
+                    continue
+                shape = tuple(item.pixel_values.shape)
+                buffers.setdefault(shape, []).append((len(rows), item))
+                rows.append(item.index)
+                if len(buffers[shape]) == batch_size:
+                    latents.update(_encode_rows(buffers.pop(shape), encode_images, seed, dtype))
+            for shape in list(buffers):
+                latents.update(_encode_rows(buffers.pop(shape), encode_images, seed, dtype))
             sidecar = {
                 "fingerprint": fingerprint,
-                "rows": [s.index for s in kept],
-                "caption_ids": [caption_ids[s.index] for s in kept],
-                "shapes": [list(latents[f"latents.{p}"].shape) for p in range(len(kept))],
-                "skipped": [s.to_dict() for s in skipped],
+                "rows": rows,
+                "caption_ids": [caption_ids[index] for index in rows],
+                "shapes": [list(latents[f"latents.{p}"].shape) for p in range(len(rows))],
+                "skipped": [item.to_dict() for item in skipped],
             }
             _write_shard(directory, _shard_name("images", shard), latents, sidecar)
-            bar.update(len(decoded))
 
 
 def _gather_rows(directory: Path, fingerprint: str, num_rows: int, shard_size: int) -> tuple[list, dict, list]:
