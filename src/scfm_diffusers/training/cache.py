@@ -50,6 +50,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .._files import temporary_sibling, write_text_atomic
 from .data import ImageCaptionSample, ImageCaptionSamples, SkippedImage, row_generator
 
 __all__ = [
@@ -95,22 +96,16 @@ def make_fingerprint(**settings: Any) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}"
 
 
 def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]) -> None:
     """Tensors first, sidecar last (both write-then-rename): a shard with a sidecar is complete."""
-    tmp = folder / f"{name}.safetensors.{os.getpid()}.tmp"
+    tmp = temporary_sibling(folder / f"{name}.safetensors")
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
     os.replace(tmp, folder / f"{name}.safetensors")
-    _write_atomic(folder / f"{name}.json", json.dumps(sidecar))
+    write_text_atomic(folder / f"{name}.json", json.dumps(sidecar))
 
 
 def _read_sidecar(folder: Path, name: str) -> dict[str, Any] | None:
@@ -441,7 +436,7 @@ def _write_index(directory: Path, rows: list, shapes: dict, skipped: list, **fie
         "bucket_shapes": [list(shape) for shape in shapes],
         "skipped": skipped,
     }
-    _write_atomic(directory / INDEX_FILE, json.dumps(index, indent=1))
+    write_text_atomic(directory / INDEX_FILE, json.dumps(index, indent=1))
 
 
 def build_latent_cache(

@@ -25,6 +25,8 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from .._files import temporary_sibling, write_text_atomic
+
 __all__ = ["MANIFEST_FILE", "PNG_SETTINGS_KEY", "generate_teacher_images"]
 
 logger = logging.getLogger(__name__)
@@ -33,12 +35,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "generation_manifest.json"
 #: PNG text chunk holding one image's generation settings (the record a resumed run trusts).
 PNG_SETTINGS_KEY = "scfm_generation"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _settings_of_png(path: Path) -> dict | None:
@@ -156,7 +152,7 @@ def generate_teacher_images(
                 for name, image in zip(names, images, strict=True):
                     info = PIL.PngImagePlugin.PngInfo()
                     info.add_text(PNG_SETTINGS_KEY, json.dumps(wanted[name]))
-                    tmp = output_dir / f"{name}.{os.getpid()}.tmp"
+                    tmp = temporary_sibling(output_dir / name)
                     image.save(tmp, format="PNG", pnginfo=info)
                     os.replace(tmp, output_dir / name)
                 bar.update(len(names))
@@ -169,8 +165,8 @@ def generate_teacher_images(
     if state.is_main_process:
         for stale in {p.name for p in output_dir.glob("*.png")} - set(wanted):
             (output_dir / stale).unlink(missing_ok=True)
-        _write_atomic(manifest_path, json.dumps(wanted, indent=1))
+        write_text_atomic(manifest_path, json.dumps(wanted, indent=1))
         lines = (json.dumps({"file_name": name, "text": settings["prompt"]}) for name, settings in wanted.items())
-        _write_atomic(output_dir / "metadata.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(output_dir / "metadata.jsonl", "\n".join(lines) + "\n")
     state.wait_for_everyone()
     return output_dir
