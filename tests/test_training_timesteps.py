@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scfm_diffusers.sigmas import DEFAULT_MAX_SIGMA, fixed_shift, resolution_mu, uniform_sigmas
+from scfm_diffusers.sigmas import DEFAULT_MAX_SIGMA, fixed_shift, resolution_mu, scfm_sigmas, uniform_sigmas
 from scfm_diffusers.training.timesteps import GridSamplerConfig, StepSample, TargetSource, sample_grid_steps
 
 N = 20_000
@@ -114,6 +114,10 @@ def test_deterministic_given_generator_and_device():
         ({"shift_min": 3.0, "shift_max": 2.0}, "shift_max"),
         ({"base_image_seq_len": 4096, "max_image_seq_len": 256}, "base_image_seq_len"),
         ({"max_sigma": 1.5}, "max_sigma"),
+        ({"target_steps": (3,)}, "target_shift"),
+        ({"target_steps": (0,), "target_shift": 3.0}, "target_steps"),
+        ({"target_steps": (3,), "target_shift": 3.0, "target_levels": ()}, "target_levels"),
+        ({"target_steps": (3,), "target_shift": -1.0}, "target_shift"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -127,3 +131,53 @@ def test_dynamic_shift_needs_seq_len_and_help_text():
     sample_grid_steps(4, GridSamplerConfig(dynamic_shift_prob=0.0))
     assert all(GridSamplerConfig.help().values())
     assert GridSamplerConfig(self_grid_sizes=[4, 2]).self_grid_sizes == (4, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step-targeted self rows (--self_grids targeted, the training script's default)
+# ----------------------------------------------------------------------------------------------------
+TARGETED = GridSamplerConfig(target_steps=(3, 4, 8), target_shift=1.64, dynamic_shift_prob=0.1)
+
+
+def test_targeted_level_one_jumps_are_exactly_the_sampling_grid_jumps():
+    s = draw(TARGETED, n=4000, image_seq_len=64)
+    rows = s.is_self
+    assert (s.shift[rows] == torch.tensor(1.64)).all(), "self rows must use the sampling shift, never the range"
+    for n in (3, 4, 8):
+        sampler_grid = scfm_sigmas(n, shift=1.64).float()  # what FlowMatchSCFMScheduler samples with
+        jumps = {(round(a, 5), round(b, 5)) for a, b in zip(sampler_grid[:-1].tolist(), sampler_grid[1:].tolist())}
+        level_one = rows & (s.grid_size == 2 * n)
+        trained = {
+            (round(a, 5), round(b, 5))
+            for a, b in zip(s.sigma[level_one].tolist(), (s.sigma - s.d1 - s.d2)[level_one].tolist())
+        }
+        assert trained == jumps, f"{n}-step jumps: trained {sorted(trained)}, sampler {sorted(jumps)}"
+        # The midpoint of each trained jump is the 2N-grid point: the half-steps the 2N-step level trains.
+        half = scfm_sigmas(2 * n, shift=1.64).float()
+        torch.testing.assert_close((s.sigma - s.d1)[level_one].unique(), half[1::2].unique(), rtol=0, atol=1e-6)
+
+
+def test_targeted_grid_sizes_are_uniform_over_step_counts_and_levels():
+    s = draw(TARGETED, image_seq_len=64)
+    self_sizes = s.grid_size[s.is_self]
+    # (N, level) pairs: 3 → 6, 12, 24; 4 → 8, 16, 32; 8 → 16, 32, 64 (16 and 32 are drawn for two pairs each).
+    expected = {6: 1, 12: 1, 24: 1, 8: 1, 16: 2, 32: 2, 64: 1}
+    counts = {m: int((self_sizes == m).sum()) for m in expected}
+    assert sum(counts.values()) == len(self_sizes)
+    for m, weight in expected.items():
+        share = weight / 9
+        assert abs(counts[m] / len(self_sizes) - share) < 4.5 * math.sqrt(share * (1 - share) / len(self_sizes))
+
+
+def test_targeting_changes_self_rows_only():
+    generic = GridSamplerConfig(dynamic_shift_prob=0.1, teacher_grid_size_min=16)
+    targeted = GridSamplerConfig(dynamic_shift_prob=0.1, teacher_grid_size_min=16, target_steps=(4,), target_shift=3.0)
+    a, b = draw(generic, n=2000, image_seq_len=256), draw(targeted, n=2000, image_seq_len=256)
+    assert torch.equal(a.source, b.source)
+    teacher = a.is_teacher
+    for name in ("sigma", "d1", "d2", "grid_size", "shift"):
+        assert torch.equal(getattr(a, name)[teacher], getattr(b, name)[teacher]), name
+    assert set(b.grid_size[b.is_self].unique().tolist()) == {8, 16, 32}
+    assert set(a.grid_size[a.is_self].unique().tolist()) == {2, 4, 8, 16}
+    assert targeted.step_targeted and not generic.step_targeted
+    assert GridSamplerConfig(target_steps=[3], target_shift=3.0, target_levels=[1, 2]).self_grid_choices() == [6, 12]

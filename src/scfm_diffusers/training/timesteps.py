@@ -8,11 +8,20 @@ For every sample of the batch, independently (method doc, training steps 1–4):
 1. Target source: flow matching with probability ``flow_matching_ratio``, teacher with probability
    ``teacher_ratio``, self (EMA) otherwise.
 2. Grid size M: teacher and flow-matching rows draw an even M uniformly in
-   ``[teacher_grid_size_min, teacher_grid_size_max]``; self rows draw M uniformly from ``self_grid_sizes``.
+   ``[teacher_grid_size_min, teacher_grid_size_max]``; self rows draw M uniformly from ``self_grid_sizes``
+   (the method's generic mix) or, when ``target_steps`` is set, step-targeted (below).
 3. ``u = linspace(1, 0, M + 1)``, shifted with probability ``dynamic_shift_prob`` by the Flux dynamic shift
    (μ from the image sequence length), else by a fixed shift s ~ U[shift_min, shift_max]; ``t[0]`` is
    clamped to ``max_sigma``.
 4. An even index j ∈ {0, 2, …, M − 2}: ``σ = t[j]``, ``d1 = t[j] − t[j+1]``, ``d2 = t[j+1] − t[j+2]``.
+
+**Step-targeted self rows** (this project's extension, docs/method.md). With ``target_steps`` = (N, …), a self
+row draws N uniformly from ``target_steps`` and a level k uniformly from ``target_levels`` (default 1, 2, 4),
+and uses the grid M = 2·N·k at the sampling shift ``target_shift`` (no dynamic shift). At k = 1 the coarse
+step is exactly a jump of the N-step SCFM sampling grid ``scfm_sigmas(N, shift=target_shift)``, split at the
+2N-grid point; at k = 2 and 4 it is a jump of the 2N- and 4N-step grids, which are the half-steps the level
+above bootstraps from. Every jump the N-step sampler takes is thus trained directly, on a chain of grids
+that ends at the teacher rows' fine grids. Teacher and flow-matching rows are unchanged.
 
 All grid math comes from :mod:`scfm_diffusers.sigmas`.
 """
@@ -71,6 +80,20 @@ class GridSamplerConfig:
     max_sigma: float = field(
         default=DEFAULT_MAX_SIGMA, metadata={"help": "Value the first σ of a grid is clamped to."}
     )
+    target_steps: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "Step-targeted self rows: sampling step counts N whose jumps are trained directly, on the "
+            "grids M = 2·N·level at --target_shift (empty: the method's generic --self_grid_sizes mix)."
+        },
+    )
+    target_levels: tuple[int, ...] = field(
+        default=(1, 2, 4),
+        metadata={"help": "Step-targeted self grids are M = 2·N·level for each level (1 = the N-step jumps)."},
+    )
+    target_shift: float | None = field(
+        default=None, metadata={"help": "Fixed shift of the step-targeted grids: the adapter's sampling shift."}
+    )
 
     def __post_init__(self) -> None:
         self.self_grid_sizes = tuple(int(m) for m in self.self_grid_sizes)
@@ -105,6 +128,30 @@ class GridSamplerConfig:
             )
         if not 0.0 < self.max_sigma <= 1.0:
             raise ValueError(f"max_sigma must be in (0, 1], got {self.max_sigma}.")
+        self.target_steps = tuple(int(n) for n in self.target_steps)
+        self.target_levels = tuple(int(k) for k in self.target_levels)
+        if any(n < 1 for n in self.target_steps):
+            raise ValueError(f"every entry of target_steps must be a step count >= 1, got {self.target_steps}.")
+        if not self.target_levels or any(k < 1 for k in self.target_levels):
+            raise ValueError(f"target_levels must be integers >= 1 (1 = the N-step jumps), got {self.target_levels}.")
+        if self.target_steps and not (
+            self.target_shift is not None and math.isfinite(self.target_shift) and self.target_shift > 0
+        ):
+            raise ValueError(
+                "target_steps needs target_shift, the positive shift the adapter samples with "
+                f"(e.g. target_shift=3.25 for Flux at 1024²), got {self.target_shift}."
+            )
+
+    @property
+    def step_targeted(self) -> bool:
+        """Whether self rows are step-targeted (``target_steps`` set) rather than the generic mix."""
+        return bool(self.target_steps)
+
+    def self_grid_choices(self) -> list[int]:
+        """The self grid sizes M that can be drawn (with repeats when two targets share a grid)."""
+        if self.step_targeted:
+            return [2 * n * k for n in self.target_steps for k in self.target_levels]
+        return list(self.self_grid_sizes)
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -203,7 +250,8 @@ def sample_grid_steps(
     # 2. Grid size M: even values in the teacher range, or one of the self grid sizes.
     half_lo, half_hi = config.teacher_grid_size_min // 2, config.teacher_grid_size_max // 2
     teacher_m = 2 * (half_lo + (rand() * (half_hi - half_lo + 1)).long().clamp(max=half_hi - half_lo))
-    self_sizes = torch.tensor(config.self_grid_sizes, dtype=torch.long)
+    # Step-targeted: N and the level are drawn independently and uniformly, i.e. uniform over (N, level) pairs.
+    self_sizes = torch.tensor(config.self_grid_choices(), dtype=torch.long)
     self_m = self_sizes[(rand() * len(self_sizes)).long().clamp(max=len(self_sizes) - 1)]
     grid_size = torch.where(source == TargetSource.SELF, self_m, teacher_m)
 
@@ -219,6 +267,8 @@ def sample_grid_steps(
             max_shift=config.max_shift,
         )
         shift = torch.where(is_dynamic, torch.tensor(math.exp(mu), dtype=torch.float64), shift)
+    if config.step_targeted:  # self rows follow the sampling schedule exactly
+        shift = torch.where(source == TargetSource.SELF, torch.tensor(config.target_shift, dtype=torch.float64), shift)
 
     # 4. Even index j, then the three grid points u[j], u[j+1], u[j+2] of each row's own uniform grid.
     j = 2 * (rand() * (grid_size // 2)).long().clamp(max=grid_size // 2 - 1)
