@@ -69,7 +69,10 @@ class SCFMInferenceSettings:
         shift: Fixed shift of the sampling grid (Flux 3.25, SD3 3.0 in the method's reference sampler).
         use_dynamic_shifting: Use Flux's resolution-dependent shift instead of ``shift``.
         guidance_scale: Flux: embedded guidance; SD3: classifier-free guidance scale.
-        lora_scale: Strength of the LoRA at inference (the authors advise 1.0–1.75, higher for fewer steps).
+        lora_scale: Strength of the LoRA at inference (the authors advise 1.0–1.75, higher for fewer steps);
+            used for step counts that ``lora_scales`` does not list.
+        lora_scales: ``{step count: LoRA scale}`` calibrated after training
+            (:func:`~scfm_diffusers.calibration.calibrate_lora_scales`); see :meth:`lora_scale_for`.
         base_model: Hub id or path of the base model the adapter was trained on.
         training: Free-form record of the training run (shown in the model card).
     """
@@ -80,6 +83,7 @@ class SCFMInferenceSettings:
     use_dynamic_shifting: bool = False
     guidance_scale: float = 3.5
     lora_scale: float = 1.0
+    lora_scales: dict[int, float] = field(default_factory=dict)
     base_model: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -96,12 +100,32 @@ class SCFMInferenceSettings:
             setattr(self, name, float(value))
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}.")
+        if not isinstance(self.lora_scales, dict):
+            raise TypeError(f"lora_scales must be a dict {{step count: scale}}, got {self.lora_scales!r}.")
+        scales = {}
+        for steps, scale in self.lora_scales.items():  # JSON keys are strings
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not str(steps).isdigit():
+                raise TypeError(f"lora_scales maps step counts to numbers, got {steps!r}: {scale!r}.")
+            if int(steps) < 1 or scale < 0:
+                raise ValueError(f"lora_scales needs step counts >= 1 and scales >= 0, got {steps!r}: {scale!r}.")
+            scales[int(steps)] = float(scale)
+        self.lora_scales = dict(sorted(scales.items()))
         if not isinstance(self.use_dynamic_shifting, bool):
             raise TypeError(f"use_dynamic_shifting must be a bool, got {self.use_dynamic_shifting!r}.")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise TypeError(f"base_model must be a string or None, got {self.base_model!r}.")
         if not isinstance(self.training, dict):
             raise TypeError(f"training must be a dict, got {self.training!r}.")
+
+    def lora_scale_for(self, num_inference_steps: int) -> float:
+        """The LoRA scale for a step count: the calibrated one (``lora_scales``), else ``lora_scale``.
+
+        Example:
+            >>> settings = SCFMInferenceSettings("flux", lora_scale=1.0, lora_scales={3: 1.4, 8: 1.1})
+            >>> settings.lora_scale_for(3), settings.lora_scale_for(5)
+            (1.4, 1.0)
+        """
+        return self.lora_scales.get(int(num_inference_steps), self.lora_scale)
 
     @classmethod
     def for_family(cls, family: str, **overrides: Any) -> SCFMInferenceSettings:
@@ -120,8 +144,10 @@ class SCFMInferenceSettings:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (``lora_scales`` keys as strings, as JSON writes them)."""
+        data = dataclasses.asdict(self)
+        data["lora_scales"] = {str(steps): scale for steps, scale in self.lora_scales.items()}
+        return data
 
     def replace(self, **overrides: Any) -> SCFMInferenceSettings:
         """A copy with some fields changed (validated again)."""
@@ -279,6 +305,10 @@ def model_card(
     steps = settings.num_inference_steps
     images = "".join(f"\n![{prompt}]({path})" for prompt, path in zip(prompts, image_paths))
     training = "".join(f"\n| {key} | {value} |" for key, value in sorted(settings.training.items()))
+    lora_scales = f"{settings.lora_scale:g}"
+    if settings.lora_scales:  # calibrated per step count; the default for the others
+        calibrated = ", ".join(f"{scale:g} at {n} steps" for n, scale in settings.lora_scales.items())
+        lora_scales = f"{calibrated} (calibrated); {settings.lora_scale:g} otherwise"
     body = f"""
 # SCFM {steps}-step LoRA for {base}
 
@@ -308,7 +338,7 @@ pipe = {family.pipeline_class.__name__}.from_pretrained("{base}", torch_dtype=to
 pipe.load_lora_weights("{adapter}")
 pipe.scheduler = FlowMatchSCFMScheduler.from_config(pipe.scheduler.config, shift={settings.shift:g}, use_dynamic_shifting={settings.use_dynamic_shifting})
 image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={settings.guidance_scale:g},
-             joint_attention_kwargs={{"scale": {settings.lora_scale:g}}}).images[0]
+             joint_attention_kwargs={{"scale": {settings.lora_scale_for(steps):g}}}).images[0]
 ```
 
 ## Settings
@@ -318,7 +348,7 @@ image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={se
 | steps | {steps} |
 | shift | {settings.shift:g} (dynamic: {settings.use_dynamic_shifting}) |
 | guidance scale | {settings.guidance_scale:g} |
-| LoRA scale | {settings.lora_scale:g} |
+| LoRA scale | {lora_scales} |
 | LoRA rank / alpha | {rank} / {alpha:g} |
 
 ## Training

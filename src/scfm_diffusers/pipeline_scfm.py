@@ -34,7 +34,8 @@ class SCFMPipelineMixin:
     """Shared behaviour of the SCFM pipelines: adapter loading, settings as call defaults, the SCFM scheduler.
 
     ``pipe(prompt)`` uses the adapter's steps, shift, guidance and LoRA scale; each can be overridden per call
-    (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). ``lora_scale`` goes through
+    (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). The LoRA scale is the one
+    calibrated for the step count of the call when the adapter has one (``lora_scales``), else ``lora_scale``. ``lora_scale`` goes through
     diffusers' ``joint_attention_kwargs={"scale": ...}``, so it scales every LoRA loaded on the transformer.
 
     Each subclass gets its own ``__call__`` (see :meth:`__init_subclass__`): its signature is the stock parent's
@@ -105,7 +106,9 @@ class SCFMPipelineMixin:
             arguments["guidance_scale"] = settings.guidance_scale
         # An explicit joint_attention_kwargs={"scale": ...} wins over lora_scale, as in the stock pipelines.
         attention_kwargs = dict(arguments.get("joint_attention_kwargs") or {})
-        attention_kwargs.setdefault("scale", settings.lora_scale if lora_scale is None else lora_scale)
+        if lora_scale is None:  # the scale calibrated for this step count, else the adapter's default
+            lora_scale = settings.lora_scale_for(arguments["num_inference_steps"])
+        attention_kwargs.setdefault("scale", lora_scale)
         arguments["joint_attention_kwargs"] = attention_kwargs
 
         saved_shift = self.scheduler.shift
@@ -240,7 +243,8 @@ def _scfm_call(parent_call: Callable[..., Any]) -> Callable[..., Any]:
         "        guidance_scale (float | None): Flux embedded guidance / SD3 CFG scale (None: the adapter's).\n"
         "        shift (float | None): Fixed shift of the σ grid, this call only (None: the scheduler's).\n"
         "        lora_scale (float | None): LoRA strength, sent as ``joint_attention_kwargs={'scale': ...}`` "
-        "unless that already holds a scale (None: the adapter's).\n\n"
+        "unless that already holds a scale (None: the adapter's scale for this step count, see "
+        "``SCFMInferenceSettings.lora_scale_for``).\n\n"
         f"    Stock documentation:\n{parent_call.__doc__ or ''}"
     )
     return __call__
