@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -51,7 +52,9 @@ from diffusers.training_utils import cast_training_params, free_memory, offload_
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from scfm_diffusers._files import write_text_atomic
 from scfm_diffusers.adapter import SCFMInferenceSettings, create_adapter_repo, push_adapter, save_adapter
+from scfm_diffusers.calibration import DEFAULT_LORA_SCALE_CANDIDATES, calibrate_lora_scales
 from scfm_diffusers.families import family_of_class_name, get_family
 from scfm_diffusers.training.buckets import BucketBatchSampler, make_buckets
 from scfm_diffusers.training.cache import build_latent_cache
@@ -184,6 +187,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         lora.add_argument(
             f"--{f.name}", type=int if nargs else kind, nargs=nargs, default=None, help=f.metadata["help"]
         )
+    lora.add_argument(
+        "--self_grids",
+        choices=["targeted", "generic"],
+        default="targeted",
+        help="targeted: self rows train the jumps of the --target_steps (default --num_inference_steps) sampling "
+        "grids; generic: the method's --self_grid_sizes mix at random shifts (docs/method.md).",
+    )
     lora.add_argument("--fast_ema_decay", type=float, default=0.99, help="Decay of the fast EMA.")
     lora.add_argument("--slow_ema_decay", type=float, default=0.999, help="Decay of the slow EMA.")
     lora.add_argument(
@@ -217,10 +227,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Guidance the adapter is sampled with (default: Flux 3.5, SD3 --cfg_scale).",
     )
-    infer.add_argument("--lora_scale", type=float, default=1.0, help="Recommended LoRA scale at inference.")
+    infer.add_argument(
+        "--lora_scale", type=float, default=1.0, help="LoRA scale at inference where none is calibrated."
+    )
     infer.add_argument("--validation_prompt", default=None, help="Prompt sampled during training (as in diffusers).")
     infer.add_argument("--num_validation_images", type=int, default=4, help="Images of --validation_prompt.")
     infer.add_argument("--validation_steps", type=int, default=200, help="Validate every N steps.")
+    infer.add_argument(
+        "--calibration_prompts",
+        nargs="+",
+        default=None,
+        help="Prompts of the LoRA-scale calibration after training (default: --validation_prompt).",
+    )
+    infer.add_argument(
+        "--calibration_images_per_prompt", type=int, default=4, help="Noise seeds per calibration prompt."
+    )
+    infer.add_argument(
+        "--calibration_steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Step counts given a calibrated LoRA scale (default: --target_steps and --num_inference_steps).",
+    )
+    infer.add_argument(
+        "--lora_scale_candidates",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_LORA_SCALE_CANDIDATES),
+        help="LoRA scales tried per step count (default 0 to 2.0 by 0.1).",
+    )
+    infer.add_argument(
+        "--calibration_reference_steps", type=int, default=32, help="Teacher steps of the calibration reference."
+    )
+    infer.add_argument(
+        "--calibration_batch_size", type=int, default=4, help="Images per pipeline call in the calibration."
+    )
+    infer.add_argument(
+        "--no_lora_scale_calibration", action="store_true", help="Keep --lora_scale for every step count."
+    )
 
     ckpt = p.add_argument_group("checkpoints, logging, Hub")
     ckpt.add_argument(
@@ -252,6 +296,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.data_files and not args.dataset_name:
         p.error("--data_files goes with --dataset_name (e.g. --dataset_name webdataset --data_files 'shards/*.tar').")
+    targeted = ("target_steps", "target_levels", "target_shift")
+    targeted_flags = [f"--{name}" for name in targeted if getattr(args, name) is not None]
+    if args.self_grids == "targeted" and args.self_grid_sizes is not None:
+        p.error("--self_grid_sizes sets the generic self grids: add --self_grids generic (or use --target_steps).")
+    if args.self_grids == "generic" and targeted_flags:
+        p.error(f"{', '.join(targeted_flags)} only apply with --self_grids targeted (the default).")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         p.error(
             f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (use a checkpoint-N folder or 'latest')."
@@ -260,16 +310,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def grid_config(args: argparse.Namespace, family) -> GridSamplerConfig:
-    """The objective's grid settings: flags that were given, family defaults, then the method's defaults."""
+    """The objective's grid settings: flags that were given, family defaults, then the method's defaults.
+
+    ``--self_grids targeted`` (default) trains the jumps of the ``--target_steps`` sampling grids (default: the
+    adapter's ``--num_inference_steps``) at the adapter's sampling shift.
+    """
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GridSamplerConfig)
         if getattr(args, f.name) is not None
     }
     given.setdefault("dynamic_shift_prob", family.dynamic_shift_prob)
-    if "self_grid_sizes" in given:
-        given["self_grid_sizes"] = tuple(given["self_grid_sizes"])
+    if args.self_grids == "targeted":
+        given.setdefault("target_steps", [args.num_inference_steps])
+        given.setdefault("target_shift", inference_shift(args, family))
     return GridSamplerConfig(**given)
+
+
+def inference_shift(args: argparse.Namespace, family) -> float:
+    """The shift the adapter is sampled with: ``--inference_shift`` or the family's reference shift."""
+    return args.inference_shift or get_family(family.name).default_settings["shift"]
 
 
 def run_record(args: argparse.Namespace, family_name: str, targets: list[str]) -> dict:
@@ -334,6 +394,7 @@ class TrainData:
         to_training_batch: raw batch -> ``{"latents": (B, C, h, w) fp32, **text}`` on the device.
         uncond: Empty-prompt text tensors (SD3's CFG).
         validation_text: Text tensors of the validation prompts (or None).
+        calibration_text: Text tensors of the LoRA-scale calibration prompts (or None: no calibration).
         prepared: The dataloader to hand to ``accelerator.prepare`` (None when streaming).
     """
 
@@ -342,6 +403,7 @@ class TrainData:
     uncond: dict
     validation_text: dict | None
     prepared: torch.utils.data.DataLoader | None
+    calibration_text: dict | None = None
 
 
 def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: torch.dtype) -> TrainData:
@@ -357,6 +419,8 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
     with torch.no_grad(), encoders_on_device(args, pipe, accelerator, *text_encoders):
         uncond = encode_prompts([""])  # SD3's CFG uses the empty prompt in every velocity
         validation_text = encode_prompts([args.validation_prompt]) if args.validation_prompt else None
+        prompts = calibration_prompts(args)
+        calibration_text = encode_prompts(prompts) if prompts else None
 
     train_data_dir = args.train_data_dir
     if args.prompts_file:  # data-free: every process draws its share of the teacher's images
@@ -397,9 +461,10 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
         buckets=buckets,
     )
     if args.streaming:
-        return _streaming_data(
+        data = _streaming_data(
             args, pipe, family, accelerator, weight_dtype, dataset, preprocessor, uncond, validation_text
         )
+        return dataclasses.replace(data, calibration_text=calibration_text)
 
     settings = {  # everything the cache depends on (shard size and dtype are added by the cache)
         "model": str(args.pretrained_model_name_or_path),
@@ -461,7 +526,9 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
             key: value.to(device, torch.float32 if key == "latents" else weight_dtype) for key, value in batch.items()
         }
 
-    return TrainData(batches, to_training_batch, uncond, validation_text, prepared=dataloader)
+    return TrainData(
+        batches, to_training_batch, uncond, validation_text, prepared=dataloader, calibration_text=calibration_text
+    )
 
 
 def _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, preprocessor, uncond, validation_text):
@@ -568,8 +635,17 @@ def stop_at_end_of_stream(accelerator, args, batch, global_step: int, state: dic
 # ---------------------------------------------------------------------------------------------------------
 # 3. Validation and adapter settings
 # ---------------------------------------------------------------------------------------------------------
-def inference_settings(args, family, grid: GridSamplerConfig, accelerator) -> SCFMInferenceSettings:
-    defaults = get_family(family.name).default_settings
+def calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of the LoRA-scale calibration: --calibration_prompts, else --validation_prompt, else none."""
+    if args.no_lora_scale_calibration:
+        return []
+    return list(args.calibration_prompts or ([args.validation_prompt] if args.validation_prompt else []))
+
+
+def inference_settings(
+    args, family, grid: GridSamplerConfig, accelerator, lora_scales: dict[int, float] | None = None
+) -> SCFMInferenceSettings:
+    """The adapter's settings; ``lora_scales`` are the calibrated scales (the recommended count's is the default)."""
     guidance = args.inference_guidance_scale or family.adapter_guidance_scale(args.cfg_scale)
     training = {
         "steps": args.max_train_steps,
@@ -581,30 +657,64 @@ def inference_settings(args, family, grid: GridSamplerConfig, accelerator) -> SC
         "weights": args.save_weights,
         "teacher_ratio": grid.teacher_ratio,
         "shift_range": f"{grid.shift_min}-{grid.shift_max}",
+        "self_grids": (
+            f"targeted: steps {list(grid.target_steps)}, levels {list(grid.target_levels)}, shift {grid.target_shift}"
+            if grid.step_targeted
+            else f"generic: {list(grid.self_grid_sizes)}"
+        ),
         "ema_decays": f"{args.fast_ema_decay}/{args.slow_ema_decay}",
     }
     return SCFMInferenceSettings(
         family=family.name,
         num_inference_steps=args.num_inference_steps,
-        shift=args.inference_shift or defaults["shift"],
+        shift=inference_shift(args, family),
         guidance_scale=guidance,
-        lora_scale=args.lora_scale,
+        lora_scale=(lora_scales or {}).get(args.num_inference_steps, args.lora_scale),
+        lora_scales=lora_scales or {},
         base_model=str(args.pretrained_model_name_or_path),
         training=training,
     )
+
+
+def scfm_pipeline(args, pipe, transformer, family, accelerator):
+    """An SCFM pipeline around the training transformer (whichever adapter is active), with the adapter's settings."""
+    from scfm_diffusers.pipeline_scfm import SCFM_PIPELINE_CLASSES
+
+    scfm_pipe = SCFM_PIPELINE_CLASSES[family.name](**{**pipe.components, "transformer": transformer})
+    scfm_pipe.set_scfm_settings(inference_settings(args, family, grid_config(args, family), accelerator))
+    scfm_pipe.set_progress_bar_config(disable=True)
+    return scfm_pipe
+
+
+@torch.no_grad()
+def calibrate(args, pipe, transformer, data: TrainData, family, accelerator, grid: GridSamplerConfig):
+    """The LoRA scale per step count with the least paired error to the teacher (``scfm_diffusers.calibration``)."""
+    steps = args.calibration_steps or sorted({*grid.target_steps, args.num_inference_steps})
+    repeat = args.calibration_images_per_prompt
+    text = {key: value.repeat_interleave(repeat, dim=0) for key, value in data.calibration_text.items()}
+    result = calibrate_lora_scales(
+        scfm_pipeline(args, pipe, transformer, family, accelerator),
+        steps,
+        candidates=args.lora_scale_candidates,
+        reference_steps=args.calibration_reference_steps,
+        seed=args.seed,
+        batch_size=args.calibration_batch_size,
+        progress=accelerator.is_local_main_process,
+        height=args.resolution,
+        width=args.resolution,
+        max_sequence_length=args.max_sequence_length,
+        **family.pipeline_text_kwargs(text, data.uncond, device=accelerator.device, dtype=transformer.dtype),
+    )
+    logger.info("LoRA scale per step count (paired error to the teacher):\n" + result.summary())
+    write_text_atomic(Path(args.output_dir) / "lora_scale_calibration.json", json.dumps(result.to_dict(), indent=2))
+    return result.scales
 
 
 @torch.no_grad()
 def validate(args, pipe, transformer, data: TrainData, family, accelerator, step: int) -> list:
     """Sample the validation prompts with the student at the adapter's step count; log and save them."""
     text, uncond = data.validation_text, data.uncond
-    from scfm_diffusers.pipeline_scfm import SCFM_PIPELINE_CLASSES
-
-    settings = inference_settings(args, family, grid_config(args, family), accelerator)
-    components = {**pipe.components, "transformer": transformer}
-    scfm_pipe = SCFM_PIPELINE_CLASSES[family.name](**components)
-    scfm_pipe.set_scfm_settings(settings)
-    scfm_pipe.set_progress_bar_config(disable=True)
+    scfm_pipe = scfm_pipeline(args, pipe, transformer, family, accelerator)
     text = {key: value.repeat_interleave(args.num_validation_images, dim=0) for key, value in text.items()}
     images = scfm_pipe(
         **family.pipeline_text_kwargs(text, uncond, device=accelerator.device, dtype=transformer.dtype),
@@ -683,11 +793,11 @@ def main(args: argparse.Namespace) -> Path:
     data_state: dict = {}  # the stream position (streaming), saved with each checkpoint
     grid = grid_config(args, family)
 
-    def write_adapter(folder, lora_state_dict=None, images=(), prompts=None):
+    def write_adapter(folder, lora_state_dict=None, images=(), prompts=None, lora_scales=None):
         save_adapter(
             folder,
             transformer,
-            inference_settings(args, family, grid, accelerator),
+            inference_settings(args, family, grid, accelerator, lora_scales),
             adapter_name=STUDENT,
             lora_state_dict=lora_state_dict,
             scheduler_config=pipe.scheduler.config,
@@ -813,8 +923,12 @@ def main(args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         which = {"student": "student", "ema_slow": "slow", "ema_fast": "fast"}[args.save_weights]
+        lora_scales = None
+        if data.calibration_text is not None:  # the saved weights, against the teacher, per step count
+            with ema.use(which):
+                lora_scales = calibrate(args, pipe, transformer, data, family, accelerator, grid)
         prompts = [args.validation_prompt] * len(validation_images)
-        write_adapter(output_dir, ema.adapter_state_dict(which), validation_images, prompts)
+        write_adapter(output_dir, ema.adapter_state_dict(which), validation_images, prompts, lora_scales)
         logger.info(f"Adapter written to {output_dir}.")
         if args.push_to_hub:
             url = push_adapter(output_dir, repo_id, token=args.hub_token, private=args.hub_private)

@@ -47,18 +47,25 @@ NON_DEFAULT_GRID = {
     "base_image_seq_len": 128,
     "max_image_seq_len": 2048,
     "max_sigma": 0.999,
+    "target_steps": (3, 5),
+    "target_levels": (1, 2),
+    "target_shift": 2.0,
 }
+# Flags that only apply in one --self_grids mode need it named (the generic grids are not the default).
+GRID_MODE = {"self_grid_sizes": ["--self_grids", "generic"]}
 RESOLUTION = {
     "flux": 32,
     "sd3": 16,
 }  # the tiny VAEs do not downsample: 32 px Flux → 256 packed tokens, 16 px SD3 → 256
 NUM_IMAGES = 8
 HUB_TOKEN = "hf_TESTTOKENnotarealtoken0123456789"  # must never be written anywhere
-# The cheapest settings that still run every part of the objective.
+# The cheapest settings that still run every part of the objective, at a learning rate at which two or three
+# steps move the LoRA visibly (at the method's 2e-5, B stays ~4e-5 and the output change is at noise level).
 TINY = [
     "--max_sequence_length", "8",
     "--rank", "4",
     "--lora_alpha", "8",
+    "--learning_rate", "1e-3",
     "--teacher_grid_size_min", "4",
     "--teacher_grid_size_max", "4",
     "--report_to", "none",
@@ -243,7 +250,12 @@ def test_single_process_run_writes_a_stock_loadable_adapter(family, saved_pipeli
     torch.testing.assert_close(from_checkpoint, sample(pipe, output_dir, family), rtol=0, atol=0)
     pipe.unload_lora_weights()
     scfm = SCFMPipeline.from_pipe(pipe, adapter=output_dir / "checkpoint-3")  # as scfm-eval --adapter does
-    assert scfm.scfm_settings == SCFMPipeline.from_pipe(pipe, adapter=output_dir, adapter_name="final").scfm_settings
+    final = SCFMPipeline.from_pipe(pipe, adapter=output_dir, adapter_name="final").scfm_settings
+    # The final adapter also carries the LoRA scale calibrated on --validation_prompt; checkpoints do not.
+    assert list(final.lora_scales) == [4] and final.lora_scale == final.lora_scales[4]
+    assert scfm.scfm_settings.lora_scales == {}
+    assert scfm.scfm_settings.replace(lora_scale=final.lora_scale, lora_scales=final.lora_scales) == final
+    assert (output_dir / "lora_scale_calibration.json").is_file()
     # The token never reaches trackers, logs or files (tensorboard event files included).
     assert HUB_TOKEN not in log
     for path in tmp_path.rglob("*"):
@@ -317,8 +329,31 @@ def test_data_free_few_shot_run_saves_the_slow_ema(train_script, saved_pipelines
         "--max_train_steps", "2",
         "--checkpointing_steps", "2",
         "--save_weights", "ema_slow",
+        "--num_inference_steps", "2",
+        "--calibration_prompts", "a picture of the number 1", "a picture of the number 7",
+        "--calibration_images_per_prompt", "2",
+        "--calibration_steps", "1", "2",
+        "--lora_scale_candidates", "0.5", "1.5",
+        "--calibration_reference_steps", "3",
     ]  # fmt: skip
     out = train_script.main(train_script.parse_args(argv))
+    # The LoRA scale per step count was calibrated on the SAVED weights (the slow EMA) against the teacher.
+    settings = json.loads((out / "scfm_settings.json").read_text())
+    sweep = json.loads((out / "lora_scale_calibration.json").read_text())
+    assert set(settings["lora_scales"]) == {"1", "2"} == set(sweep["scales"])
+    assert settings["lora_scale"] == settings["lora_scales"]["2"], "the recommended count's scale is the default"
+    assert "targeted: steps [2]" in settings["training"]["self_grids"]
+    from scfm_diffusers.calibration import calibrate_lora_scales
+
+    pipe = SCFMPipeline.from_pretrained(saved_pipelines["flux"], adapter=out)
+    pipe.set_progress_bar_config(disable=True)
+    again = calibrate_lora_scales(
+        pipe, [1, 2], prompt=[p for p in ("a picture of the number 1", "a picture of the number 7") for _ in range(2)],
+        candidates=[0.5, 1.5], reference_steps=3, height=16, width=16, max_sequence_length=8, progress=False,
+    )  # fmt: skip
+    for n, row in again.errors.items():
+        for scale, error in row.items():
+            assert sweep["errors"][str(n)][str(scale)] == pytest.approx(error, rel=1e-4)
     teacher_data = out / "cache" / "teacher_data"
     images = sorted(teacher_data.glob("*.png"))
     assert len(images) == 10 and (teacher_data / "metadata.jsonl").is_file()
@@ -763,5 +798,27 @@ def test_every_flag_is_read(train_script, tmp_path):
         assert getattr(args, name) is None, f"--{name} must default to None (family / method defaults apply)"
         assert value != getattr(defaults, name)
         words = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
-        got = getattr(train_script.grid_config(train_script.parse_args([*base, f"--{name}", *words]), family), name)
-        assert got == value and type(got) is type(getattr(defaults, name)), f"--{name}: got {got!r}, gave {value!r}"
+        argv = [*base, *GRID_MODE.get(name, []), f"--{name}", *words]
+        got = getattr(train_script.grid_config(train_script.parse_args(argv), family), name)
+        assert got == value and type(got) is type(value), f"--{name}: got {got!r}, gave {value!r}"
+
+
+def test_self_grids_default_to_the_adapter_step_count_at_its_shift(train_script, tmp_path, capsys):
+    from scfm_diffusers.training.velocity import get_training_family
+
+    base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
+    flux, sd3 = get_training_family("flux"), get_training_family("sd3")
+    grid = train_script.grid_config(train_script.parse_args([*base, "--num_inference_steps", "3"]), flux)
+    assert grid.target_steps == (3,) and grid.target_shift == 3.25 and grid.target_levels == (1, 2, 4)
+    grid = train_script.grid_config(train_script.parse_args([*base, "--inference_shift", "2.0"]), sd3)
+    assert grid.target_steps == (4,) and grid.target_shift == 2.0
+    assert train_script.grid_config(train_script.parse_args(base), sd3).target_shift == 3.0  # SD3's reference shift
+    grid = train_script.grid_config(train_script.parse_args([*base, "--self_grids", "generic"]), flux)
+    assert not grid.step_targeted and grid.self_grid_sizes == (2, 4, 8, 16)
+    for wrong, message in (
+        (["--self_grid_sizes", "8", "16"], "add --self_grids generic"),
+        (["--self_grids", "generic", "--target_steps", "3"], "only apply with --self_grids targeted"),
+    ):
+        with pytest.raises(SystemExit):
+            train_script.parse_args([*base, *wrong])
+        assert message in capsys.readouterr().err
