@@ -135,6 +135,15 @@ def test_compute_arithmetic_and_equal_compute_plan():
         equal_compute_reflow_plan(100, teacher_steps=32, batch_size=8, generation_fraction=1.0)
 
 
+def test_reflow_settings_survive_json_so_a_cached_adapter_is_reused():
+    from scfm_diffusers.evaluation.baselines import ReflowConfig
+    from scfm_diffusers.training.timesteps import GridSamplerConfig
+
+    config = ReflowConfig(grid=GridSamplerConfig(target_steps=(3, 4), target_shift=1.5))
+    # The demo compares the stored JSON stamp with to_dict(): any tuple left in it would never compare equal.
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+
+
 def test_two_step_reflow_run_writes_a_loadable_adapter(flux, tmp_path):
     assert set(BASELINES) == {"reflow"} and get_baseline("reflow") is BASELINES["reflow"]
     with pytest.raises(ValueError, match="known"):
@@ -193,29 +202,52 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
     payload = main(["--output_dir", str(tmp_path), "--quick"])
     assert {p.name for p in tmp_path.iterdir()} >= {"results.md", "results.json", "grid.png", "quality_vs_steps.png"}
-    assert (tmp_path / "scfm" / "pytorch_lora_weights.safetensors").is_file()
-    assert (tmp_path / "reflow" / "pytorch_lora_weights.safetensors").is_file()
+    for folder in ("scfm", "scfm_generic_grids", "reflow"):
+        assert (tmp_path / folder / "pytorch_lora_weights.safetensors").is_file()
     methods = [(r["method"], r["num_inference_steps"]) for r in payload["rows"]]
     assert methods[0] == ("teacher", QUICK.reference_steps)
+    rows = {(r["method"], r["num_inference_steps"]): r for r in payload["rows"]}
     for steps in QUICK.eval_steps:
         assert {("teacher Euler (best shift)", steps), ("reflow", steps), ("SCFM", steps)} <= set(methods)
+        assert ("SCFM generic grids", steps) in methods  # the method's generic mix, as an extra row
+        assert rows[("reflow", steps)]["lora_scale"] == 1.0
+    # The step-targeted adapter trains the evaluated step counts and carries a calibrated scale for each,
+    # which is the one its rows were sampled with.
+    settings = json.loads((tmp_path / "scfm" / "scfm_settings.json").read_text())
+    assert settings["training"]["self_grids"].startswith(f"targeted: steps {list(QUICK.eval_steps)}")
+    assert json.loads((tmp_path / "scfm_generic_grids" / "scfm_settings.json").read_text())["training"][
+        "self_grids"
+    ].startswith("generic")
+    assert {int(n) for n in settings["lora_scales"]} == set(QUICK.eval_steps)
+    every_row = {(r["method"], r["num_inference_steps"]): r for r in payload["all_rows"]}
+    for steps in QUICK.eval_steps:
+        assert rows[("SCFM", steps)]["lora_scale"] == settings["lora_scales"][str(steps)]
+        assert every_row[("SCFM @ scale 1", steps)]["lora_scale"] == 1.0  # the calibration ablation
+        if settings["lora_scales"][str(steps)] != 1.0:
+            assert every_row[("SCFM @ scale 1", steps)]["paired_rmse"] != rows[("SCFM", steps)]["paired_rmse"]
     assert all(r["fd_vs_real"] is not None and r["accuracy"] is not None for r in payload["rows"])
     compute = payload["settings"]["compute_forward_equivalents"]
     assert compute["reflow"] <= compute["scfm"]
     with PIL.Image.open(tmp_path / "grid.png") as grid:
-        rows = 1 + 3 * len(QUICK.eval_steps)
+        rows = 1 + 4 * len(QUICK.eval_steps)
         assert grid.size == (160 + 10 * (16 * 4 + 4), rows * (16 * 4 + 4))
     assert "| SCFM |" in capsys.readouterr().out
-    # A second run reuses the SCFM adapter without starting the training script.
+    # A second run reuses both SCFM adapters without starting the training script.
     from scfm_diffusers.evaluation import demo
 
     def no_training(*args, **kwargs):
-        raise AssertionError("the cached SCFM adapter should have been reused")
+        raise AssertionError("the cached SCFM adapters should have been reused")
 
-    monkeypatch.setattr(demo.subprocess, "run", no_training)
+    monkeypatch.setattr(demo.subprocess, "Popen", no_training)
     shifts = demo.resolution_scaled_shifts(64)
     teacher = str(tmp_path / "cache" / "teacher")
-    assert demo.train_scfm(teacher, tmp_path / "data" / "train", tmp_path / "scfm", QUICK, shifts) == tmp_path / "scfm"
+    runs = {
+        tmp_path / folder: demo.scfm_training_args(
+            teacher, tmp_path / "data" / "train", tmp_path / folder, QUICK, shifts, **flags
+        )
+        for folder, flags in (("scfm", {}), ("scfm_generic_grids", {"self_grids": "generic"}))
+    }
+    assert demo.train_scfm(runs) == {folder: folder for folder in runs}
 
 
 def test_cli_end_to_end(tmp_path, saved_pipelines, flux):

@@ -22,6 +22,7 @@ AdamW settings and gradient clip are SCFM's.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -166,10 +167,7 @@ class ReflowConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings (for caches and the adapter's training record)."""
-        data = asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        data["grid"]["self_grid_sizes"] = list(self.grid.self_grid_sizes)
-        return data
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists: equal to what a JSON file gives back
 
 
 def _latent_shape(pipeline: Any, batch: int, height: int, width: int) -> tuple[int, int, int, int]:

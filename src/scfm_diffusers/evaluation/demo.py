@@ -7,9 +7,12 @@ tiny version of every stage (< 90 s) to check the plumbing. Stages, each cached 
    and :func:`~.digits.train_digits_classifier`, under ``--cache_dir``.
 2. **SCFM** — the digits train split is written as an image folder with ``metadata.jsonl`` and distilled by
    the very script users run, ``accelerate launch --cpu --num_processes 1 examples/train_scfm_lora.py``, in
-   a subprocess.
-3. **Reflow baseline** — :func:`~.baselines.train_reflow_lora` at the same training compute
-   (:func:`~.baselines.equal_compute_reflow_plan`), with the same LoRA, learning rate and σ distribution.
+   a subprocess, twice: with the script's default step-targeted self grids (``--target_steps 3 4 8``: one
+   adapter for the three evaluated step counts) and, as the report's extra row, with the method's generic
+   self grids (``--self_grids generic``). Both calibrate a LoRA scale per step count on the ten digit prompts.
+3. **Reflow baseline** — :func:`~.baselines.train_reflow_lora` at the same training compute as EACH SCFM
+   adapter (:func:`~.baselines.equal_compute_reflow_plan`), with the same LoRA, learning rate and σ
+   distribution, trained in the demo's process while the two SCFM subprocesses run.
 4. **Evaluation** — :func:`~.harness.evaluate` on 10 prompts × ``per_class`` seeds: the teacher in 32 steps
    (reference), the teacher in N plain Euler steps at each shift of ``teacher_shifts`` (the table shows the
    best one), reflow and SCFM in N steps, for N = 3, 4, 8. FD uses the digit classifier's features against
@@ -35,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..calibration import DEFAULT_LORA_SCALE_CANDIDATES
 from ..sigmas import resolution_mu
 from ..training.timesteps import GridSamplerConfig
 from .baselines import ReflowConfig, equal_compute_reflow_plan, scfm_training_compute, train_reflow_lora
@@ -109,7 +114,13 @@ class DemoConfig:
         generation_fraction: Share of reflow's budget spent on drawing pairs.
         latency_repeats: Timed single-image calls per sampler.
         seed: Seed of the training runs.
-        extra: Further flags of the SCFM training script (name without ``--`` → value).
+        generic_row: Also train SCFM with the method's generic self grids (the report's extra row).
+        calibration_images_per_prompt: Noise seeds per digit prompt in the LoRA-scale calibration.
+        parallel_training: Train the two SCFM adapters at once, one thread each (both cores busy; a tiny
+            model does not use two threads well).
+        scale_one_rows: Also evaluate every SCFM adapter at LoRA scale 1 (rows "<name> @ scale 1" in
+            ``results.json``'s ``all_rows``, not in the table): what the calibration adds.
+        extra: Further flags of the SCFM training script (name without ``--`` → value), both variants.
     """
 
     teacher_train_steps: int = 1000
@@ -129,6 +140,10 @@ class DemoConfig:
     generation_fraction: float = 0.4
     latency_repeats: int = 3
     seed: int = 0
+    generic_row: bool = True
+    calibration_images_per_prompt: int = 4
+    parallel_training: bool = True
+    scale_one_rows: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,7 +164,12 @@ QUICK = DemoConfig(
     teacher_shifts=(1.0, 3.0),
     per_class=2,
     latency_repeats=1,
+    calibration_images_per_prompt=1,
+    scale_one_rows=True,
 )
+
+#: The SCFM variants of the demo: the step-targeted default and the method's generic self-grid mix.
+SCFM_VARIANTS = {"SCFM": {}, "SCFM generic grids": {"self_grids": "generic"}}
 
 
 def _log(message: str) -> None:
@@ -190,9 +210,15 @@ def _train_script() -> Path:
     return script
 
 
-def train_scfm(teacher: str, data_dir: Path, output_dir: Path, config: DemoConfig, shifts: dict[str, float]) -> Path:
-    """Distill ``teacher`` with the real training script in a subprocess (skipped when cached)."""
-    args = {
+def scfm_training_args(
+    teacher: str, data_dir: Path, output_dir: Path, config: DemoConfig, shifts: dict[str, float], **variant: Any
+) -> dict[str, Any]:
+    """The training script's flags for one SCFM variant (``variant``: e.g. ``{"self_grids": "generic"}``).
+
+    The step-targeted default trains the jumps of every evaluated step count (``--target_steps 3 4 8``) at the
+    inference shift, and calibrates a LoRA scale per step count on the ten digit prompts.
+    """
+    return {
         "pretrained_model_name_or_path": teacher,
         "train_data_dir": str(data_dir),
         "output_dir": str(output_dir),
@@ -208,25 +234,80 @@ def train_scfm(teacher: str, data_dir: Path, output_dir: Path, config: DemoConfi
         "shift_min": shifts["shift_min"],
         "shift_max": shifts["shift_max"],
         "inference_shift": shifts["inference_shift"],
-        "num_inference_steps": 4,
+        "num_inference_steps": config.eval_steps[0],
+        **({} if variant.get("self_grids") == "generic" else {"target_steps": list(config.eval_steps)}),
+        "calibration_prompts": [digit_prompt(label) for label in range(10)],
+        "calibration_images_per_prompt": config.calibration_images_per_prompt,
+        "calibration_steps": list(config.eval_steps),
+        "calibration_reference_steps": config.reference_steps,
+        "lora_scale_candidates": list(DEFAULT_LORA_SCALE_CANDIDATES),  # in the settings stamp: a change retrains
         "report_to": "none",
         "checkpointing_steps": 10**9,
         "seed": config.seed,
         **config.extra,  # further training-script flags, e.g. {"slow_ema_decay": 0.99}
+        **variant,
     }
-    if _stamp_matches(output_dir, args):
-        _log(f"reusing the SCFM adapter in {output_dir} (same settings)")
-        return output_dir
+
+
+def _launch_command(args: dict[str, Any]) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(_train_script())]
-    for key, value in args.items():  # list values (e.g. self_grid_sizes) become several arguments
+    for key, value in args.items():  # list values (e.g. target_steps) become several arguments
         command += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
-    command += ["--center_crop"]
-    _log("SCFM: " + " ".join(command))
+    return command + ["--center_crop"]
+
+
+def train_scfm(
+    runs: dict[Path, dict[str, Any]], *, parallel: bool = True, meanwhile: Callable[[], None] | None = None
+) -> dict[Path, Path]:
+    """Distill with the real training script, one subprocess per output folder (folders with the same settings
+    are reused).
+
+    Args:
+        runs: ``{output folder: flags}`` (see :func:`scfm_training_args`).
+        parallel: Run the subprocesses at once, one thread each (their logs go to ``<folder>/train.log``),
+            and run ``meanwhile`` in this process while they train; else one after the other, then ``meanwhile``.
+        meanwhile: Other work of the demo (the reflow baseline), run while the subprocesses train.
+
+    Returns:
+        ``{output folder: output folder}`` once every adapter exists.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    subprocess.run(command, check=True, env=env)
+    if parallel:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending = {}
+    for output_dir, args in runs.items():
+        if _stamp_matches(output_dir, args):
+            _log(f"reusing the SCFM adapter in {output_dir} (same settings)")
+            continue
+        command = _launch_command(args)
+        _log("SCFM: " + " ".join(command))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log = open(output_dir / "train.log", "w") if parallel else None  # noqa: SIM115
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+        pending[output_dir] = (process, args, log)
+        if not parallel:
+            _wait(output_dir, *pending.pop(output_dir))
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    except BaseException:
+        for process, _, _ in pending.values():
+            process.kill()
+        raise
+    for output_dir, (process, args, log) in pending.items():
+        _wait(output_dir, process, args, log)
+    return {output_dir: output_dir for output_dir in runs}
+
+
+def _wait(output_dir: Path, process: subprocess.Popen, args: dict[str, Any], log: Any) -> None:
+    code = process.wait()
+    if log is not None:
+        log.close()
+    if code != 0:
+        tail = (output_dir / "train.log").read_text()[-3000:] if log is not None else ""
+        raise subprocess.CalledProcessError(code, process.args, output=tail)
     (output_dir / STAMP_FILE).write_text(json.dumps(args, indent=2))
-    return output_dir
 
 
 def run_demo(
@@ -257,18 +338,19 @@ def run_demo(
     seconds["teacher_and_classifier"] = time.perf_counter() - start
     split = digits_split(config.seed)
 
-    # 2. SCFM through the training script, on the train split written as an image folder.
+    # 2. SCFM through the training script, on the train split written as an image folder (both variants).
     stage = time.perf_counter()
     count = len(split.train_labels) if config.train_images is None else config.train_images
     data_dir = output_dir / "data" / "train"
     metadata = data_dir / "metadata.jsonl"
     if not metadata.is_file() or len(metadata.read_text().splitlines()) != count:
         write_image_folder(split.train_images[:count], split.train_labels[:count], data_dir)
-    scfm_dir = train_scfm(teacher, data_dir, output_dir / "scfm", config, shifts)
-    seconds["scfm"] = time.perf_counter() - stage
+    variants = {name: flags for name, flags in SCFM_VARIANTS.items() if config.generic_row or not flags}
+    scfm_dirs = {name: output_dir / name.lower().replace(" ", "_") for name in variants}
 
-    # 3. Reflow at the same compute, with the same LoRA, learning rate, σ distribution and inference shift.
-    stage = time.perf_counter()
+    # 3. Reflow at the same compute, with the same LoRA, learning rate, σ distribution and inference shift;
+    #    trained in this process while the SCFM subprocesses run (one thread each: a tiny model is
+    #    overhead-bound, so three single-threaded jobs keep the two cores busier than one after the other).
     budget = scfm_training_compute(config.scfm_steps, config.batch_size)
     plan = equal_compute_reflow_plan(
         budget,
@@ -294,7 +376,7 @@ def run_demo(
         width=IMAGE_SIZE,
         max_sequence_length=DIGITS_MAX_SEQUENCE_LENGTH,
         pair_batch_size=250,
-        num_inference_steps=4,
+        num_inference_steps=config.eval_steps[0],
         inference_shift=shifts["inference_shift"],
         seed=config.seed,
     )
@@ -302,13 +384,30 @@ def run_demo(
     reflow_settings = {"teacher": teacher, "train_images": count, **reflow_config.to_dict()}
     pipe = FluxPipeline.from_pretrained(teacher)
     pipe.set_progress_bar_config(disable=True)
-    if _stamp_matches(reflow_dir, reflow_settings):
-        _log(f"reusing the reflow adapter in {reflow_dir} (same settings)")
-    else:
-        prompts = [digit_prompt(label) for label in split.train_labels[:count].tolist()]
-        train_reflow_lora(pipe, prompts, reflow_dir, reflow_config, base_model=teacher, progress=_log)
+
+    def train_reflow() -> None:
+        if _stamp_matches(reflow_dir, reflow_settings):
+            _log(f"reusing the reflow adapter in {reflow_dir} (same settings)")
+            return
+        threads = torch.get_num_threads()
+        if config.parallel_training:
+            torch.set_num_threads(1)
+        try:
+            prompts = [digit_prompt(label) for label in split.train_labels[:count].tolist()]
+            train_reflow_lora(pipe, prompts, reflow_dir, reflow_config, base_model=teacher, progress=_log)
+        finally:
+            torch.set_num_threads(threads)
         (reflow_dir / STAMP_FILE).write_text(json.dumps(reflow_settings, indent=2))
-    seconds["reflow"] = time.perf_counter() - stage
+
+    train_scfm(
+        {
+            scfm_dirs[name]: scfm_training_args(teacher, data_dir, scfm_dirs[name], config, shifts, **flags)
+            for name, flags in variants.items()
+        },
+        parallel=config.parallel_training,
+        meanwhile=train_reflow,
+    )
+    seconds["scfm_and_reflow"] = time.perf_counter() - stage
 
     # 4. Evaluation: same prompts and seeds for every sampler.
     stage = time.perf_counter()
@@ -340,12 +439,12 @@ def run_demo(
     all_rows: list[dict[str, Any]] = []
     grid_images: dict[tuple[str, int], torch.Tensor] = {}
 
-    def run(sampler: Any, method: str, steps: int, shift: Any, extra: dict[str, Any] | None = None) -> dict:
+    def run(sampler: Any, method: str, steps: int, shift: Any, lora_scale: float | None = None, **call_extra) -> dict:
         result = evaluate(
             sampler, prompts, seeds, num_inference_steps=steps, reference_images=reference,
-            call_kwargs={**call, **(extra or {})}, name=f"{method} {steps}", **common,
+            call_kwargs={**call, **call_extra}, name=f"{method} {steps}", **common,
         )  # fmt: skip
-        row = {"method": method, "shift": shift, **result.to_dict()}
+        row = {"method": method, "shift": shift, "lora_scale": lora_scale, **result.to_dict()}
         row.pop("settings")
         all_rows.append(row)
         grid_images[(method, steps)] = result.images[columns]
@@ -361,34 +460,43 @@ def run_demo(
         for steps in config.eval_steps:
             euler_rows.setdefault(steps, []).append(run(pipe, f"teacher Euler s={shift:g}", steps, shift))
     pipe.scheduler = stock
-    for method, folder in (("reflow", reflow_dir), ("SCFM", scfm_dir)):
+    for method, folder in (("reflow", reflow_dir), *scfm_dirs.items()):
         student = SCFMPipeline.from_pipe(pipe, adapter=folder, adapter_name="demo")
-        for steps in config.eval_steps:
-            run(student, method, steps, student.scfm_settings.shift)
+        for steps in config.eval_steps:  # each at its calibrated LoRA scale, when the adapter has one
+            run(student, method, steps, student.scfm_settings.shift, student.scfm_settings.lora_scale_for(steps))
+            if config.scale_one_rows and method != "reflow":
+                scale_one = {"joint_attention_kwargs": {"scale": 1.0}}  # wins over the calibrated scale
+                run(student, f"{method} @ scale 1", steps, student.scfm_settings.shift, 1.0, **scale_one)
         student.delete_adapters("demo")
     seconds["evaluation"] = time.perf_counter() - stage
 
-    # 5. Report: the teacher's N-step Euler row at its best shift (lowest FD vs real), reflow, SCFM.
+    # 5. Report: the teacher's N-step Euler row at its best shift (lowest FD vs real), reflow, the SCFM variants.
     rows = [all_rows[0]]
     grid_rows = [(f"teacher {config.reference_steps}", grid_images[("teacher", config.reference_steps)])]
     for steps in config.eval_steps:
         best = min(euler_rows[steps], key=lambda r: r["fd_vs_real"])
         by_method = {r["method"]: r for r in all_rows if r["num_inference_steps"] == steps}
-        rows += [{**best, "method": "teacher Euler (best shift)"}, by_method["reflow"], by_method["SCFM"]]
+        rows += [{**best, "method": "teacher Euler (best shift)"}, by_method["reflow"]]
+        rows += [by_method[name] for name in scfm_dirs]
         grid_rows += [
             (f"Euler {steps} (s={best['shift']:g})", grid_images[(best["method"], steps)]),
             (f"reflow {steps}", grid_images[("reflow", steps)]),
-            (f"SCFM {steps}", grid_images[("SCFM", steps)]),
+            *((f"{name.replace(' grids', '')} {steps}", grid_images[(name, steps)]) for name in scfm_dirs),
         ]
     seconds["total"] = time.perf_counter() - start
+    calibration_compute = (
+        10
+        * config.calibration_images_per_prompt
+        * (config.reference_steps + len(DEFAULT_LORA_SCALE_CANDIDATES) * sum(config.eval_steps))
+    )
     settings = {
         "teacher": teacher,
-        "scfm_adapter": str(scfm_dir),
+        "scfm_adapters": {name: str(folder) for name, folder in scfm_dirs.items()},
         "reflow_adapter": str(reflow_dir),
         "images": f"{len(prompts)} (10 digits x {config.per_class} seeds), 16x16",
         "scfm": f"{config.scfm_steps} steps x batch {config.batch_size}, rank {config.rank}, lr {config.learning_rate}",
         "reflow": f"{plan.num_pairs} pairs x {plan.teacher_steps} teacher steps + {plan.train_steps} steps x batch {plan.batch_size}",
-        "compute_forward_equivalents": {"scfm": budget, "reflow": plan.compute},
+        "compute_forward_equivalents": {"scfm": budget, "reflow": plan.compute, "calibration": calibration_compute},
         "training_shift_range": f"U[{shifts['shift_min']}, {shifts['shift_max']}] (method's [2.5, 4.5] x {shifts['ratio']:.3f})",
         "inference_shift_students": shifts["inference_shift"],
         "teacher_fd_vs_real": reference.fd_vs_real,
@@ -405,7 +513,14 @@ def run_demo(
         f"N-step Euler row shows its best shift among {list(config.teacher_shifts)} (all in results.json: all_rows).",
         f"Equal training compute: SCFM {budget:,} forward-equivalents ({config.scfm_steps} steps × {config.batch_size} "
         f"× 5); reflow {plan.compute:,} ({plan.num_pairs} pairs × {plan.teacher_steps} + {plan.train_steps} steps × "
-        f"{plan.batch_size} × 3).",
+        f"{plan.batch_size} × 3). The LoRA-scale calibration after SCFM training adds "
+        f"{calibration_compute:,} ({10 * config.calibration_images_per_prompt} images × ({config.reference_steps} "
+        f"+ {len(DEFAULT_LORA_SCALE_CANDIDATES)} scales × {sum(config.eval_steps)} steps)), "
+        f"{calibration_compute / budget:.1%} of the budget; reflow is sampled at LoRA scale 1.",
+        "SCFM: one adapter for all three step counts, trained with step-targeted self grids (the training "
+        "script's default, --target_steps " + " ".join(map(str, config.eval_steps)) + ") and sampled at the LoRA "
+        "scale calibrated for each step count; 'SCFM generic grids' is the method's self-grid mix "
+        "{2, 4, 8, 16} at random shifts, same budget and calibration.",
     ]
     write_report(
         output_dir, rows, title="SCFM digits demo", notes=notes, settings=settings, grid_rows=grid_rows, grid_scale=4

@@ -31,6 +31,7 @@ DEFAULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("method", "method", "{}"),
     ("num_inference_steps", "steps", "{}"),
     ("shift", "shift", "{}"),
+    ("lora_scale", "LoRA scale", "{:g}"),
     ("latency_s", "latency s", "{:.4f}"),
     ("fd_vs_real", "FD vs real", "{:.2f}"),
     ("delta_fd", "ΔFD", "{:+.2f}"),
