@@ -247,7 +247,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
         )
         for folder, flags in (("scfm", {}), ("scfm_generic_grids", {"self_grids": "generic"}))
     }
-    assert demo.train_scfm(runs) == {folder: folder for folder in runs}
+    assert demo.train_scfm(runs) == list(runs)
 
 
 def test_cli_end_to_end(tmp_path, saved_pipelines, flux):

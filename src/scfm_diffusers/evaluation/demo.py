@@ -240,6 +240,7 @@ def scfm_training_args(
         "calibration_images_per_prompt": config.calibration_images_per_prompt,
         "calibration_steps": list(config.eval_steps),
         "calibration_reference_steps": config.reference_steps,
+        "calibration_batch_size": 10 * config.calibration_images_per_prompt,  # all at once: a tiny model
         "lora_scale_candidates": list(DEFAULT_LORA_SCALE_CANDIDATES),  # in the settings stamp: a change retrains
         "report_to": "none",
         "checkpointing_steps": 10**9,
@@ -259,7 +260,7 @@ def _launch_command(args: dict[str, Any]) -> list[str]:
 
 def train_scfm(
     runs: dict[Path, dict[str, Any]], *, parallel: bool = True, meanwhile: Callable[[], None] | None = None
-) -> dict[Path, Path]:
+) -> list[Path]:
     """Distill with the real training script, one subprocess per output folder (folders with the same settings
     are reused).
 
@@ -270,7 +271,7 @@ def train_scfm(
         meanwhile: Other work of the demo (the reflow baseline), run while the subprocesses train.
 
     Returns:
-        ``{output folder: output folder}`` once every adapter exists.
+        The adapter folders (the keys of ``runs``), once every adapter exists.
     """
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     if parallel:
@@ -281,8 +282,10 @@ def train_scfm(
             _log(f"reusing the SCFM adapter in {output_dir} (same settings)")
             continue
         command = _launch_command(args)
-        _log("SCFM: " + " ".join(command))
         output_dir.mkdir(parents=True, exist_ok=True)
+        _log(
+            "SCFM: " + " ".join(command) + (f"\n[demo]   (progress in {output_dir / 'train.log'})" if parallel else "")
+        )
         log = open(output_dir / "train.log", "w") if parallel else None  # noqa: SIM115
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
         pending[output_dir] = (process, args, log)
@@ -297,7 +300,7 @@ def train_scfm(
         raise
     for output_dir, (process, args, log) in pending.items():
         _wait(output_dir, process, args, log)
-    return {output_dir: output_dir for output_dir in runs}
+    return list(runs)
 
 
 def _wait(output_dir: Path, process: subprocess.Popen, args: dict[str, Any], log: Any) -> None:
