@@ -173,6 +173,24 @@ def test_a_best_scale_at_the_edge_of_the_candidates_is_a_warning(saved_pipelines
     assert "edge of the candidates" in caplog.text and "--lora_scale_candidates" in caplog.text
 
 
+def test_a_fused_lora_warns_that_the_calibrated_scale_cannot_apply(saved_pipelines, tmp_path, caplog):
+    pipe = FluxPipeline.from_pretrained(saved_pipelines["flux"])
+    add_trained_lora(pipe.transformer)
+    settings = SCFMInferenceSettings.for_family("flux", num_inference_steps=4, lora_scales={3: 1.5, 4: 1.0})
+    scfm = SCFMPipeline.from_pretrained(
+        saved_pipelines["flux"], adapter=save_adapter(tmp_path / "adapter", pipe.transformer, settings)
+    )
+    with caplog.at_level("WARNING", logger="scfm_diffusers.pipeline_scfm"):
+        scfm("a cat", num_inference_steps=3, output_type="latent", **SIZE)
+    assert not caplog.text, "an unfused LoRA takes the calibrated scale: nothing to warn about"
+    scfm.fuse_lora(lora_scale=scfm.scfm_settings.lora_scale)
+    with caplog.at_level("WARNING", logger="scfm_diffusers.pipeline_scfm"):
+        scfm("a cat", num_inference_steps=4, output_type="latent", **SIZE)  # fused at this count's scale: fine
+        assert not caplog.text
+        scfm("a cat", num_inference_steps=3, output_type="latent", **SIZE)
+    assert "fused" in caplog.text and "lora_scale_for(3)" in caplog.text
+
+
 def test_calibration_result_defaults():
     result = LoraScaleCalibration({3: 1.4})
     assert result.to_dict()["scales"] == {"3": 1.4} and "3 steps: LoRA scale 1.4" in result.summary()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 __all__ = ["SCFMFluxPipeline", "SCFMPipeline", "SCFMPipelineMixin", "SCFMStableDiffusion3Pipeline"]
 
 SCFM_ADAPTER_NAME = "scfm"
+logger = logging.getLogger(__name__)
 
 
 class SCFMPipelineMixin:
@@ -108,6 +110,13 @@ class SCFMPipelineMixin:
         attention_kwargs = dict(arguments.get("joint_attention_kwargs") or {})
         if lora_scale is None:  # the scale calibrated for this step count, else the adapter's default
             lora_scale = settings.lora_scale_for(arguments["num_inference_steps"])
+            if lora_scale != settings.lora_scale and _fused_lora_adapters(self.transformer):
+                logger.warning(
+                    f"The LoRA is fused into the transformer, so the scale calibrated for "
+                    f"{arguments['num_inference_steps']} steps ({lora_scale:g}) cannot be applied: a fused LoRA keeps "
+                    "the scale it was fused at. Call pipe.unfuse_lora(), or fuse at "
+                    f"pipe.scfm_settings.lora_scale_for({arguments['num_inference_steps']})."
+                )
         attention_kwargs.setdefault("scale", lora_scale)
         arguments["joint_attention_kwargs"] = attention_kwargs
 
@@ -264,13 +273,17 @@ def _lora_layers(transformer: torch.nn.Module) -> dict[str, BaseTunerLayer]:
     return {name: module for name, module in transformer.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
+def _fused_lora_adapters(transformer: torch.nn.Module) -> list[str]:
+    """Names of the LoRA adapters merged into the weights of ``transformer``."""
+    return sorted({name for layer in _lora_layers(transformer).values() for name in layer.merged_adapters})
+
+
 def _unfused_lora_adapters(transformer: torch.nn.Module) -> list[str]:
     """Names of the LoRA adapters on ``transformer`` that are not merged into its weights."""
     layers = _lora_layers(transformer)
     if not layers:  # also after unload_lora_weights(), which may leave peft_config behind
         return []
-    fused = {name for layer in layers.values() for name in layer.merged_adapters}
-    return sorted(set(transformer.peft_config) - fused)
+    return sorted(set(transformer.peft_config) - set(_fused_lora_adapters(transformer)))
 
 
 @contextmanager
