@@ -99,7 +99,8 @@ def calibrate_lora_scales(
             result does not depend on it; lower it when memory is short.
         progress: Show a progress bar over the sweep.
         **call_kwargs: Further pipeline arguments, the same for every call (``prompt_embeds``, ``height``,
-            ``guidance_scale``, ``max_sequence_length``, ...).
+            ``guidance_scale``, ``max_sequence_length``, ...); tensors and lists with one row per image are
+            split into the batches.
 
     Returns:
         The best scale per N and the whole sweep.

@@ -36,9 +36,10 @@ class SCFMPipelineMixin:
     """Shared behaviour of the SCFM pipelines: adapter loading, settings as call defaults, the SCFM scheduler.
 
     ``pipe(prompt)`` uses the adapter's steps, shift, guidance and LoRA scale; each can be overridden per call
-    (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). The LoRA scale is the one
-    calibrated for the step count of the call when the adapter has one (``lora_scales``), else ``lora_scale``. ``lora_scale`` goes through
-    diffusers' ``joint_attention_kwargs={"scale": ...}``, so it scales every LoRA loaded on the transformer.
+    (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). The default LoRA scale is the
+    one calibrated for the call's step count when the adapter has one (``lora_scales``), else ``lora_scale``.
+    ``lora_scale`` goes through diffusers' ``joint_attention_kwargs={"scale": ...}``, so it scales every LoRA
+    loaded on the transformer.
 
     Each subclass gets its own ``__call__`` (see :meth:`__init_subclass__`): its signature is the stock parent's
     (every parameter, same kinds and defaults) with ``num_inference_steps`` and ``guidance_scale`` defaulting to
@@ -110,7 +111,8 @@ class SCFMPipelineMixin:
         attention_kwargs = dict(arguments.get("joint_attention_kwargs") or {})
         if lora_scale is None:  # the scale calibrated for this step count, else the adapter's default
             lora_scale = settings.lora_scale_for(arguments["num_inference_steps"])
-            if lora_scale != settings.lora_scale and _fused_lora_adapters(self.transformer):
+            explicit = "scale" in attention_kwargs
+            if not explicit and lora_scale != settings.lora_scale and _fused_lora_adapters(self.transformer):
                 logger.warning(
                     f"The LoRA is fused into the transformer, so the scale calibrated for "
                     f"{arguments['num_inference_steps']} steps ({lora_scale:g}) cannot be applied: a fused LoRA keeps "
