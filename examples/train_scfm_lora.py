@@ -6,12 +6,15 @@ LoRA on the model's own velocity field: at (x_σ, σ) the student regresses onto
 finer Euler steps, the first taken by the frozen teacher (a share of the batch) or by a fast EMA of the
 student (the rest), the second by a slow EMA. The teacher is the same transformer with adapters disabled;
 both EMAs are extra LoRA adapters on it. All method math lives in `scfm_diffusers.training`; this script
-wires data, accelerate and checkpoints around it.
+wires data, accelerate and checkpoints around it. By default the self rows train the jumps of the
+--num_inference_steps grid (--target_steps 3 4 8: one adapter for several step counts), and after training a
+LoRA scale per step count is calibrated against the teacher on --validation_prompt (docs/method.md).
 
 One GPU:
     accelerate launch examples/train_scfm_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --prompts_file prompts.txt --output_dir flux-scfm --mixed_precision bf16 --gradient_checkpointing \
-        --use_8bit_adam --train_batch_size 8 --max_train_steps 2000 --num_inference_steps 4
+        --use_8bit_adam --train_batch_size 8 --max_train_steps 2000 --num_inference_steps 4 \
+        --validation_prompt "a red fox in the snow"
 Large data: aspect-ratio buckets over a cached data set, or WebDataset shards streamed and encoded on the fly:
     accelerate launch examples/train_scfm_lora.py ... --dataset_name my-org/captioned --aspect_ratio_buckets
     accelerate launch examples/train_scfm_lora.py ... --dataset_name webdataset --data_files "shards/{00000..00099}.tar" \
