@@ -546,12 +546,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="Tiny version of every stage (< 90 s), for tests.")
     parser.add_argument("--scfm_steps", type=int, default=None, help="Override the SCFM (and reflow) budget.")
     parser.add_argument("--per_class", type=int, default=None, help="Evaluation images per digit.")
+    parser.add_argument(
+        "--scale_one_rows",
+        action="store_true",
+        help="Also evaluate the SCFM adapters at LoRA scale 1 (results.json all_rows): what the calibration adds.",
+    )
     args = parser.parse_args(argv)
     config = dataclasses.replace(QUICK if args.quick else DemoConfig())
     if args.scfm_steps is not None:
         config.scfm_steps = args.scfm_steps
     if args.per_class is not None:
         config.per_class = args.per_class
+    config.scale_one_rows = config.scale_one_rows or args.scale_one_rows
     cache_dir = args.cache_dir
     if cache_dir is None and args.quick:
         cache_dir = Path(args.output_dir) / "cache"  # never mix the tiny teacher with the real one
