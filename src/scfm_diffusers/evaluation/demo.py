@@ -522,8 +522,13 @@ def run_demo(
         f"{calibration_compute / budget:.1%} of the budget; reflow is sampled at LoRA scale 1.",
         "SCFM: one adapter for all three step counts, trained with step-targeted self grids (the training "
         "script's default, --target_steps " + " ".join(map(str, config.eval_steps)) + ") and sampled at the LoRA "
-        "scale calibrated for each step count; 'SCFM generic grids' is the method's self-grid mix "
-        "{2, 4, 8, 16} at random shifts, same budget and calibration.",
+        "scale calibrated for each step count"
+        + (
+            "; 'SCFM generic grids' is the method's self-grid mix {2, 4, 8, 16} at random shifts, same budget "
+            "and calibration."
+            if config.generic_row
+            else "."
+        ),
     ]
     write_report(
         output_dir, rows, title="SCFM digits demo", notes=notes, settings=settings, grid_rows=grid_rows, grid_scale=4
