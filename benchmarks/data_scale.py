@@ -155,13 +155,13 @@ def encode_worker(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from diffusers import FluxPipeline
 
+    from scfm_diffusers.families import get_family
     from scfm_diffusers.training.cache import build_latent_cache
     from scfm_diffusers.training.data import ImageCaptionPreprocessor, load_image_caption_dataset
-    from scfm_diffusers.training.velocity import encode_images, get_training_family
 
     state = PartialState()
     pipe = FluxPipeline.from_pretrained(args.pipeline)
-    family = get_training_family("flux")
+    family = get_family("flux")
     with state.main_process_first():
         dataset = load_image_caption_dataset(train_data_dir=args.data)
     samples = ImageCaptionPreprocessor(RESOLUTION, center_crop=True)(dataset)
@@ -171,7 +171,7 @@ def encode_worker(args: argparse.Namespace) -> None:
         samples,
         args.cache,
         settings={"benchmark": True},
-        encode_images=lambda pixels, generators: encode_images(pipe.vae, pixels, generator=generators),
+        encode_images=lambda pixels, generators: family.encode_images(pipe.vae, pixels, generator=generators),
         encode_prompts=lambda prompts: family.encode_prompts(pipe, prompts, T5_TOKENS),
         batch_size=8,
         shard_size=32,

@@ -27,10 +27,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
 
+from scfm_diffusers.families import get_family
 from scfm_diffusers.training.ema import DualLoraEMA, lora_parameters
 from scfm_diffusers.training.objective import scfm_loss
 from scfm_diffusers.training.timesteps import GridSamplerConfig, sample_grid_steps
-from scfm_diffusers.training.velocity import get_training_family
 
 PRESETS = {
     # ~2.3M parameters: big enough that the forward dominates on 2 CPU cores.
@@ -75,7 +75,7 @@ def build(args):
     if args.quantize_base:  # the training script's path: a saved transformer loaded quantized
         transformer = quantized_copy(transformer, args, dtype)
     transformer.requires_grad_(False)
-    family = get_training_family("flux")
+    family = get_family("flux")
     transformer.add_adapter(
         LoraConfig(
             r=args.rank,

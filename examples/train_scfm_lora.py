@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from scfm_diffusers._files import write_text_atomic
 from scfm_diffusers.adapter import SCFMInferenceSettings, create_adapter_repo, push_adapter, save_adapter
 from scfm_diffusers.calibration import DEFAULT_LORA_SCALE_CANDIDATES, calibrate_lora_scales
-from scfm_diffusers.families import family_of_class_name, get_family
+from scfm_diffusers.families import ConditioningConfig, family_of_class_name
 from scfm_diffusers.training.buckets import BucketBatchSampler, make_buckets
 from scfm_diffusers.training.cache import build_latent_cache
 from scfm_diffusers.training.checkpoints import (
@@ -74,16 +74,16 @@ from scfm_diffusers.training.data import (
     read_prompts,
 )
 from scfm_diffusers.training.ema import DualLoraEMA, lora_parameters
-from scfm_diffusers.training.objective import loss_by_sigma_bins, scfm_loss
+from scfm_diffusers.training.objective import loss_by_sigma_bins
 from scfm_diffusers.training.quantization import (
     QUANTIZATION_CHOICES,
     check_distributed_support,
     ddp_ignore_quantized_weights,
     load_quantized_transformer,
 )
+from scfm_diffusers.training.step import scfm_training_losses
 from scfm_diffusers.training.teacher_data import generate_teacher_images
-from scfm_diffusers.training.timesteps import GridSamplerConfig, sample_grid_steps
-from scfm_diffusers.training.velocity import encode_images, get_training_family
+from scfm_diffusers.training.timesteps import GridSamplerConfig
 
 logger = get_logger(__name__)
 STUDENT = "default"
@@ -211,7 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Flux-dev: train with this one embedded guidance value instead of --guidance_range (as in diffusers).",
     )
-    lora.add_argument("--cfg_scale", type=float, default=4.5, help="SD3: CFG scale of every velocity (reference 4.5).")
+    lora.add_argument(
+        "--cfg_scale",
+        type=float,
+        default=None,
+        help="CFG families (SD3): CFG scale of every training velocity (default: the family's, SD3 4.5).",
+    )
     lora.add_argument(
         "--save_weights",
         choices=["student", "ema_slow", "ema_fast"],
@@ -332,7 +337,7 @@ def grid_config(args: argparse.Namespace, family) -> GridSamplerConfig:
 
 def inference_shift(args: argparse.Namespace, family) -> float:
     """The shift the adapter is sampled with: ``--inference_shift`` or the family's reference shift."""
-    return args.inference_shift or get_family(family.name).default_settings["shift"]
+    return args.inference_shift or family.default_settings["shift"]
 
 
 def run_record(args: argparse.Namespace, family_name: str, targets: list[str]) -> dict:
@@ -352,7 +357,7 @@ def run_record(args: argparse.Namespace, family_name: str, targets: list[str]) -
 def load_base_model(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype):
     """The base pipeline (frozen) and its training family, read from ``model_index.json``."""
     config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
-    family = get_training_family(family_of_class_name(config.get("_class_name", "<none>")).name)
+    family = family_of_class_name(config.get("_class_name", "<none>"))
     components = {}
     if args.quantize_base:  # a quantized base is also a quantized teacher (adapters off), at no extra memory
         components["transformer"] = load_quantized_transformer(
@@ -413,7 +418,7 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
     """Data set -> (teacher images) -> cached latents + embeddings, or a stream encoded on the fly."""
     output_dir = Path(args.output_dir)
     device = accelerator.device
-    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    text_encoders = family.text_encoder_names
     buckets = make_buckets(args.resolution) if args.aspect_ratio_buckets else None
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -437,7 +442,7 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
                 width=args.resolution,
                 num_inference_steps=args.teacher_num_inference_steps,
                 seed=args.seed,
-                guidance_scale=args.inference_guidance_scale or family.adapter_guidance_scale(args.cfg_scale),
+                guidance_scale=args.inference_guidance_scale or family.adapter_guidance_scale(conditioning(args)),
                 images_per_prompt=args.teacher_images_per_prompt,
                 show_progress=accelerator.is_local_main_process,
             )
@@ -489,7 +494,7 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
         preprocessor(dataset),
         output_dir / "cache" / "latents",
         settings=settings,
-        encode_images=lambda pixels, generators: encode_images(pipe.vae, pixels, generator=generators),
+        encode_images=lambda pixels, generators: family.encode_images(pipe.vae, pixels, generator=generators),
         encode_prompts=encode_prompts,
         batch_size=args.train_batch_size,
         shard_size=args.cache_shard_size,
@@ -524,9 +529,10 @@ def prepare_data(args, pipe, family, accelerator: Accelerator, weight_dtype: tor
             )
             epoch, skip = epoch + 1, 0
 
-    def to_training_batch(batch):
+    def to_training_batch(batch):  # latents in fp32 (the objective's), text in the weights' dtype, masks as they are
         return {
-            key: value.to(device, torch.float32 if key == "latents" else weight_dtype) for key, value in batch.items()
+            key: _to_device(value, device, torch.float32 if key == "latents" else weight_dtype)
+            for key, value in batch.items()
         }
 
     return TrainData(
@@ -553,11 +559,10 @@ def _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, prep
             yield batch
 
     def to_training_batch(batch):
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        with torch.no_grad(), encoders_on_device(args, pipe, accelerator, *names):
+        with torch.no_grad(), encoders_on_device(args, pipe, accelerator, "vae", *family.text_encoder_names):
             text = family.encode_prompts(pipe, batch["captions"], args.max_sequence_length, device=device)
-            latents = encode_images(pipe.vae, batch["pixel_values"])
-        text = {key: value.to(device, weight_dtype) for key, value in text.items()}
+            latents = family.encode_images(pipe.vae, batch["pixel_values"])
+        text = {key: _to_device(value, device, weight_dtype) for key, value in text.items()}
         return {"latents": latents.to(device, torch.float32), **text}
 
     return TrainData(batches, to_training_batch, uncond, validation_text, prepared=None)
@@ -615,11 +620,17 @@ def check_launch(distributed_type, quantize_base: str | None) -> None:
         check_distributed_support(quantize_base, distributed_type)
 
 
-def sample_guidance(args, n: int, rng: torch.Generator) -> torch.Tensor:
-    """Flux-dev's embedded guidance per sample: g ~ U[--guidance_range); ``--guidance_scale g`` fixes it, as in
-    diffusers' Flux scripts. The same g goes to the student and every target pass."""
-    low, high = args.guidance_range if args.guidance_scale is None else (args.guidance_scale,) * 2
-    return low + (high - low) * torch.rand(n, generator=rng)
+def conditioning(args) -> ConditioningConfig:
+    """The batch conditioning: Flux-dev's embedded guidance g ~ U[--guidance_range) (``--guidance_scale g`` fixes
+    it, as in diffusers' Flux scripts); a CFG family's ``--cfg_scale`` (default: the family's)."""
+    return ConditioningConfig(
+        guidance_range=tuple(args.guidance_range), guidance_scale=args.guidance_scale, cfg_scale=args.cfg_scale
+    )
+
+
+def _to_device(value: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors to ``dtype`` on ``device``; masks and ids keep their dtype."""
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def stop_at_end_of_stream(accelerator, args, batch, global_step: int, state: dict) -> None:
@@ -649,7 +660,7 @@ def inference_settings(
     args, family, grid: GridSamplerConfig, accelerator, lora_scales: dict[int, float] | None = None
 ) -> SCFMInferenceSettings:
     """The adapter's settings; ``lora_scales`` are the calibrated scales (the recommended count's is the default)."""
-    guidance = args.inference_guidance_scale or family.adapter_guidance_scale(args.cfg_scale)
+    guidance = args.inference_guidance_scale or family.adapter_guidance_scale(conditioning(args))
     training = {
         "steps": args.max_train_steps,
         "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -681,9 +692,9 @@ def inference_settings(
 
 def scfm_pipeline(args, pipe, transformer, family, accelerator):
     """An SCFM pipeline around the training transformer (whichever adapter is active), with the adapter's settings."""
-    from scfm_diffusers.pipeline_scfm import SCFM_PIPELINE_CLASSES
+    from scfm_diffusers.pipeline_scfm import scfm_pipeline_class
 
-    scfm_pipe = SCFM_PIPELINE_CLASSES[family.name](**{**pipe.components, "transformer": transformer})
+    scfm_pipe = scfm_pipeline_class(family)(**{**pipe.components, "transformer": transformer})
     scfm_pipe.set_scfm_settings(inference_settings(args, family, grid_config(args, family), accelerator))
     scfm_pipe.set_progress_bar_config(disable=True)
     return scfm_pipe
@@ -846,7 +857,7 @@ def main(args: argparse.Namespace) -> Path:
         accelerator.init_trackers("scfm-lora", config=config)
 
     # 4.4 Training loop: one call to the objective per step.
-    has_guidance = getattr(transformer.config, "guidance_embeds", False)
+    condition = conditioning(args)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="SCFM", disable=not accelerator.is_local_main_process
     )
@@ -858,26 +869,10 @@ def main(args: argparse.Namespace) -> Path:
             stop_at_end_of_stream(accelerator, args, raw, global_step, data_state)
         batch = data.to_training_batch(raw)
         with accelerator.accumulate(model):
-            latents = batch.pop("latents")
-            x0 = family.to_model_space(latents)
-            n = len(x0)
-            noise = torch.randn(x0.shape, generator=rng).to(x0)
-            steps = sample_grid_steps(n, grid, image_seq_len=family.image_seq_len(latents), generator=rng)
-            steps = steps.to(x0.device)
-            options = {"uncond": data.uncond, "cfg_scale": args.cfg_scale, "guidance": None}
-            if has_guidance:
-                options["guidance"] = sample_guidance(args, n, rng).to(x0.device)
-
-            target = family.velocity_fn(transformer, batch, latents.shape, **options)  # unwrapped, no grad
-            out = scfm_loss(
-                student=family.velocity_fn(model, batch, latents.shape, **options),
-                teacher=ema.wrap("teacher", target),
-                fast_ema=ema.wrap("fast", target),
-                slow_ema=ema.wrap("slow", target),
-                x0=x0,
-                noise=noise,
-                steps=steps,
+            step = scfm_training_losses(
+                model, ema, family, batch, uncond=data.uncond, grid=grid, conditioning=condition, generator=rng
             )
+            out = step.losses
             mean_loss = accelerator.gather(out.loss.detach()[None]).mean().item()
             if not math.isfinite(mean_loss):
                 last = latest_checkpoint(output_dir)
@@ -901,13 +896,12 @@ def main(args: argparse.Namespace) -> Path:
         if args.ema_restart_steps and global_step % args.ema_restart_steps == 0:
             ema.restart()
         logs = {
+            **step.log_values(),
             "loss": mean_loss,
-            "loss_teacher": out.loss_teacher.item(),
-            "loss_self": out.loss_self.item(),
             "lr": lr_scheduler.get_last_lr()[0],
-            **loss_by_sigma_bins(steps.sigma, out.loss_per_sample),
+            **loss_by_sigma_bins(step.steps.sigma, out.loss_per_sample),
         }
-        progress.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "loss_teacher", "loss_self")})
+        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss") and "sigma" not in k})
         accelerator.log({k: v for k, v in logs.items() if math.isfinite(v)}, step=global_step)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:

@@ -26,6 +26,8 @@ from conftest import write_webdataset
 from safetensors.torch import load_file
 
 from scfm_diffusers import FlowMatchSCFMScheduler, SCFMPipeline
+from scfm_diffusers.families import get_family
+from scfm_diffusers.testing import TinyModelConfig
 from scfm_diffusers.training.cache import LatentCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -622,11 +624,19 @@ def test_fsdp_and_deepspeed_with_a_quantized_base_are_refused_before_loading(tra
 
 def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script, tmp_path):
     base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
+
     rng = torch.Generator().manual_seed(0)
-    sampled = train_script.sample_guidance(train_script.parse_args(base), 1000, rng)
+    flux = get_family("flux")
+    guided = flux.tiny_pipeline(TinyModelConfig(guidance_embeds=True)).transformer
+
+    def draw(argv, n):
+        return flux.sample_conditioning(guided, n, train_script.conditioning(train_script.parse_args(argv)), rng)
+
+    sampled = draw(base, 1000)["guidance"]
     assert 0.0 <= sampled.min() and sampled.max() < 7.5 and sampled.std() > 1.0  # the method's U[0, 7.5)
-    fixed = train_script.sample_guidance(train_script.parse_args([*base, "--guidance_scale", "3.5"]), 8, rng)
-    assert torch.equal(fixed, torch.full((8,), 3.5))
+    assert torch.equal(draw([*base, "--guidance_scale", "3.5"], 8)["guidance"], torch.full((8,), 3.5))
+    unguided = flux.tiny_pipeline().transformer  # schnell-like: no guidance embedding, no guidance input
+    assert flux.sample_conditioning(unguided, 8, train_script.conditioning(train_script.parse_args(base)), rng) == {}
 
 
 def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
@@ -777,8 +787,8 @@ def test_accelerate_configs(name, distributed_type):
 # 6. Every flag is read
 # ---------------------------------------------------------------------------------------------------------
 def test_every_flag_is_read(train_script, tmp_path):
+
     from scfm_diffusers.training.timesteps import GridSamplerConfig
-    from scfm_diffusers.training.velocity import get_training_family
 
     args = train_script.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)])
     source = SCRIPT.read_text()
@@ -787,7 +797,7 @@ def test_every_flag_is_read(train_script, tmp_path):
     assert not unread, f"flags parsed but never read by the script: {unread}"
 
     # The GridSamplerConfig flags are read by grid_config: each given value reaches the objective's config.
-    family = get_training_family("flux")
+    family = get_family("flux")
     assert (
         dataclasses.asdict(train_script.grid_config(args, family))["dynamic_shift_prob"] == family.dynamic_shift_prob
     )
@@ -804,10 +814,9 @@ def test_every_flag_is_read(train_script, tmp_path):
 
 
 def test_self_grids_default_to_the_adapter_step_count_at_its_shift(train_script, tmp_path, capsys):
-    from scfm_diffusers.training.velocity import get_training_family
 
     base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
-    flux, sd3 = get_training_family("flux"), get_training_family("sd3")
+    flux, sd3 = get_family("flux"), get_family("sd3")
     grid = train_script.grid_config(train_script.parse_args([*base, "--num_inference_steps", "3"]), flux)
     assert grid.target_steps == (3,) and grid.target_shift == 3.25 and grid.target_levels == (1, 2, 4)
     grid = train_script.grid_config(train_script.parse_args([*base, "--inference_shift", "2.0"]), sd3)

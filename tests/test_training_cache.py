@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from scfm_diffusers.families import get_family
 from scfm_diffusers.testing import tiny_flux_pipeline
 from scfm_diffusers.training.buckets import make_buckets
 from scfm_diffusers.training.cache import INDEX_FILE, LatentCache, build_latent_cache
 from scfm_diffusers.training.data import ImageCaptionPreprocessor, load_image_caption_dataset, row_generator
-from scfm_diffusers.training.velocity import encode_images, get_training_family
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,11 @@ class Encoders:
         self.image_calls += 1
         if self.image_calls == self.fail_on_image_call:
             raise RuntimeError("simulated crash while caching")
-        return encode_images(self.pipe.vae, pixels, generator=generators)
+        return get_family("flux").encode_images(self.pipe.vae, pixels, generator=generators)
 
     def prompts(self, prompts):
         self.captions.extend(prompts)
-        return get_training_family("flux").encode_prompts(self.pipe, prompts, max_sequence_length=8)
+        return get_family("flux").encode_prompts(self.pipe, prompts, max_sequence_length=8)
 
 
 def build(samples, directory, encoders, settings=None, **kwargs):
@@ -99,8 +99,10 @@ def test_items_equal_direct_encoding_and_repeated_captions_are_encoded_once(pipe
     # Row 2 encoded alone, with its own seeds, gives exactly the cached row: batching does not matter.
     sample = samples.sample(2)
     with torch.no_grad():
-        latents = encode_images(pipe.vae, sample.pixel_values[None], generator=[row_generator(3, 2, 2)])
-        text = get_training_family("flux").encode_prompts(pipe, ["a cat"], max_sequence_length=8)
+        latents = get_family("flux").encode_images(
+            pipe.vae, sample.pixel_values[None], generator=[row_generator(3, 2, 2)]
+        )
+        text = get_family("flux").encode_prompts(pipe, ["a cat"], max_sequence_length=8)
     torch.testing.assert_close(cache[2]["latents"], latents[0].to(torch.bfloat16), rtol=0, atol=0)
     torch.testing.assert_close(cache[2]["prompt_embeds"], text["prompt_embeds"][0].to(torch.bfloat16), rtol=0, atol=0)
 

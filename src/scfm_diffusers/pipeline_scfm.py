@@ -1,6 +1,7 @@
-"""SCFM pipelines: thin subclasses of diffusers' Flux and SD3 pipelines that sample with an SCFM adapter.
+"""SCFM pipelines: thin subclasses of each family's stock diffusers pipeline that sample with an SCFM adapter.
 
-The subclasses change defaults and the scheduler only; denoising is diffusers' own ``__call__``. Their
+One subclass per registered family (:mod:`scfm_diffusers.families`), generated from the registry: the
+subclasses change defaults and the scheduler only; denoising is diffusers' own ``__call__``. Their
 ``__call__`` has the stock signature (built from it, not copied) plus ``shift`` and ``lora_scale``; their
 ``save_pretrained`` writes a folder that the SCFM pipelines, the stock pipeline classes and
 ``DiffusionPipeline`` all load (see docs/inference.md, "Saving and reloading").
@@ -18,15 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from .adapter import SETTINGS_NAME, WEIGHTS_NAME, SCFMInferenceSettings, load_adapter_settings
-from .families import FAMILIES, family_of_class_name, family_of_pipeline
+from .families import FAMILIES, Family, family_of_class_name, family_of_pipeline
 from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 
-__all__ = ["SCFMFluxPipeline", "SCFMPipeline", "SCFMPipelineMixin", "SCFMStableDiffusion3Pipeline"]
+__all__ = [
+    "SCFM_PIPELINE_CLASSES",
+    "SCFMFluxPipeline",
+    "SCFMPipeline",
+    "SCFMPipelineMixin",
+    "SCFMStableDiffusion3Pipeline",
+    "scfm_pipeline_class",
+]
 
 SCFM_ADAPTER_NAME = "scfm"
 logger = logging.getLogger(__name__)
@@ -38,8 +46,9 @@ class SCFMPipelineMixin:
     ``pipe(prompt)`` uses the adapter's steps, shift, guidance and LoRA scale; each can be overridden per call
     (``num_inference_steps=``, ``shift=``, ``guidance_scale=``, ``lora_scale=``). The default LoRA scale is the
     one calibrated for the call's step count when the adapter has one (``lora_scales``), else ``lora_scale``.
-    ``lora_scale`` goes through diffusers' ``joint_attention_kwargs={"scale": ...}``, so it scales every LoRA
-    loaded on the transformer.
+    ``lora_scale`` goes through the family's attention kwargs (``joint_attention_kwargs={"scale": ...}`` for
+    Flux, SD3, Z-Image and Chroma; ``attention_kwargs`` for Qwen-Image, Flux.2 and Wan), so it scales every
+    LoRA loaded on the transformer.
 
     Each subclass gets its own ``__call__`` (see :meth:`__init_subclass__`): its signature is the stock parent's
     (every parameter, same kinds and defaults) with ``num_inference_steps`` and ``guidance_scale`` defaulting to
@@ -107,8 +116,9 @@ class SCFMPipelineMixin:
             raise ValueError(f"num_inference_steps must be >= 1, got {arguments['num_inference_steps']}.")
         if arguments.get("guidance_scale") is None:
             arguments["guidance_scale"] = settings.guidance_scale
-        # An explicit joint_attention_kwargs={"scale": ...} wins over lora_scale, as in the stock pipelines.
-        attention_kwargs = dict(arguments.get("joint_attention_kwargs") or {})
+        # An explicit {"scale": ...} in the attention kwargs wins over lora_scale, as in the stock pipelines.
+        kwarg = family_of_pipeline(self).lora_scale_kwarg
+        attention_kwargs = dict(arguments.get(kwarg) or {})
         if lora_scale is None:  # the scale calibrated for this step count, else the adapter's default
             lora_scale = settings.lora_scale_for(arguments["num_inference_steps"])
             explicit = "scale" in attention_kwargs
@@ -120,7 +130,7 @@ class SCFMPipelineMixin:
                     f"pipe.scfm_settings.lora_scale_for({arguments['num_inference_steps']})."
                 )
         attention_kwargs.setdefault("scale", lora_scale)
-        arguments["joint_attention_kwargs"] = attention_kwargs
+        arguments[kwarg] = attention_kwargs
 
         saved_shift = self.scheduler.shift
         if shift is not None:
@@ -216,13 +226,15 @@ def _scfm_call_signature(parent_call: Callable[..., Any]) -> inspect.Signature:
     """The stock ``__call__`` signature with the settings' parameters defaulting to None, plus the SCFM ones."""
     parent = inspect.signature(parent_call)
     names = set(parent.parameters)
-    missing = sorted({*_SETTINGS_DEFAULTS, "joint_attention_kwargs"} - names)
+    missing = sorted(set(_SETTINGS_DEFAULTS) - names)
+    if not names & {"joint_attention_kwargs", "attention_kwargs"}:
+        missing.append("joint_attention_kwargs or attention_kwargs")
     clashing = sorted(names & {p.name for p in _SCFM_PARAMETERS})
     if missing or clashing or any(p.kind is p.VAR_POSITIONAL for p in parent.parameters.values()):
         raise TypeError(
             f"{parent_call.__qualname__} cannot be wrapped as an SCFM pipeline call: it needs the parameters "
-            "num_inference_steps, guidance_scale and joint_attention_kwargs, none called shift or lora_scale, and "
-            f"no *args (missing: {missing}, clashing: {clashing})."
+            "num_inference_steps, guidance_scale and (joint_)attention_kwargs, none called shift or lora_scale, "
+            f"and no *args (missing: {missing}, clashing: {clashing})."
         )
     parameters = [
         p.replace(default=None, annotation=_SETTINGS_DEFAULTS[p.name]) if p.name in _SETTINGS_DEFAULTS else p
@@ -251,9 +263,10 @@ def _scfm_call(parent_call: Callable[..., Any]) -> Callable[..., Any]:
         f"Run :meth:`{parent_call.__qualname__}` with the SCFM settings (``scfm_settings``) as defaults.\n\n"
         "    SCFM arguments (every other argument is the stock pipeline's, with its default):\n"
         "        num_inference_steps (int | None): Euler steps (None: the adapter's).\n"
-        "        guidance_scale (float | None): Flux embedded guidance / SD3 CFG scale (None: the adapter's).\n"
+        "        guidance_scale (float | None): embedded guidance or CFG scale, as the family uses it (None: the "
+        "adapter's).\n"
         "        shift (float | None): Fixed shift of the σ grid, this call only (None: the scheduler's).\n"
-        "        lora_scale (float | None): LoRA strength, sent as ``joint_attention_kwargs={'scale': ...}`` "
+        "        lora_scale (float | None): LoRA strength, sent as ``(joint_)attention_kwargs={'scale': ...}`` "
         "unless that already holds a scale (None: the adapter's scale for this step count, see "
         "``SCFMInferenceSettings.lora_scale_for``).\n\n"
         f"    Stock documentation:\n{parent_call.__doc__ or ''}"
@@ -314,8 +327,27 @@ def _base_weights_in_state_dict(transformer: torch.nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-class SCFMFluxPipeline(SCFMPipelineMixin, FluxPipeline):
-    """:class:`~diffusers.FluxPipeline` sampling an SCFM adapter in few steps (embedded guidance, no true CFG).
+def _make_scfm_pipeline_class(family: Family) -> type:
+    """``SCFM<Stock>Pipeline``: the family's stock pipeline with :class:`SCFMPipelineMixin` in front."""
+    stock = family.pipeline_class
+    return type(
+        f"SCFM{stock.__name__}",
+        (SCFMPipelineMixin, stock),
+        {
+            "__module__": __name__,
+            "__doc__": f":class:`~diffusers.{stock.__name__}` sampling an SCFM adapter in few steps "
+            f"({family.name} family: guidance {family.guidance!r}). See :class:`SCFMPipelineMixin`.",
+        },
+    )
+
+
+#: family name -> its SCFM pipeline class, one per registered family that the installed diffusers has.
+SCFM_PIPELINE_CLASSES: dict[str, type] = {
+    family.name: _make_scfm_pipeline_class(family) for family in FAMILIES.values() if family.available
+}
+globals().update({cls.__name__: cls for cls in SCFM_PIPELINE_CLASSES.values()})  # importable by name
+SCFMFluxPipeline: type = SCFM_PIPELINE_CLASSES["flux"]
+SCFMFluxPipeline.__doc__ += """
 
     Example:
         >>> from scfm_diffusers import SCFMFluxPipeline
@@ -323,15 +355,16 @@ class SCFMFluxPipeline(SCFMPipelineMixin, FluxPipeline):
         >>> pipe = SCFMFluxPipeline.from_pipe(tiny_flux_pipeline())
         >>> pipe("a cat", height=32, width=32, output_type="pt").images.shape[0]  # 4 steps, shift 3.25
         1
-    """
+"""
+SCFMStableDiffusion3Pipeline: type = SCFM_PIPELINE_CLASSES["sd3"]
 
 
-class SCFMStableDiffusion3Pipeline(SCFMPipelineMixin, StableDiffusion3Pipeline):
-    """:class:`~diffusers.StableDiffusion3Pipeline` sampling an SCFM adapter (the student keeps CFG)."""
-
-
-SCFM_PIPELINE_CLASSES: dict[str, type] = {"flux": SCFMFluxPipeline, "sd3": SCFMStableDiffusion3Pipeline}
-assert set(SCFM_PIPELINE_CLASSES) == set(FAMILIES), "every family needs an SCFM pipeline class"
+def scfm_pipeline_class(family: str | Family) -> type:
+    """The SCFM pipeline class of a family (by name or object); raises a clear error for unavailable ones."""
+    family = family if isinstance(family, Family) else FAMILIES.get(family) or family_of_class_name(family)
+    if family.name not in SCFM_PIPELINE_CLASSES:
+        family.pipeline_class  # noqa: B018  (raises the ImportError that says which diffusers is needed)
+    return SCFM_PIPELINE_CLASSES[family.name]
 
 
 class SCFMPipeline:
@@ -356,8 +389,8 @@ class SCFMPipeline:
         adapter_name: str = SCFM_ADAPTER_NAME,
         settings: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> SCFMFluxPipeline | SCFMStableDiffusion3Pipeline:
-        """Load a Flux or SD3 base model and, optionally, an SCFM adapter on it.
+    ) -> SCFMPipelineMixin:
+        """Load a base model of any registered family and, optionally, an SCFM adapter on it.
 
         Args:
             pretrained_model_name_or_path: Base model folder or Hub id (a diffusers pipeline), or a folder saved
@@ -368,14 +401,14 @@ class SCFMPipeline:
             **kwargs: Passed to diffusers' ``from_pretrained`` (``torch_dtype``, ``revision``, ...).
 
         Raises:
-            ValueError: The base model is not a Flux or SD3 pipeline, or the adapter is for the other family.
+            ValueError: The base model is not of a registered family, or the adapter is for another family.
         """
         config = DiffusionPipeline.load_config(
             pretrained_model_name_or_path,
             **{k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs},
         )
         family = family_of_class_name(config.get("_class_name", "<no _class_name>"))
-        pipeline_class = SCFM_PIPELINE_CLASSES[family.name]
+        pipeline_class = scfm_pipeline_class(family)
         adapter_settings = None
         if adapter is not None:
             adapter_settings = load_adapter_settings(adapter, token=kwargs.get("token"))
@@ -399,13 +432,13 @@ class SCFMPipeline:
         adapter: str | os.PathLike | None = None,
         adapter_name: str = SCFM_ADAPTER_NAME,
         **settings: Any,
-    ) -> SCFMFluxPipeline | SCFMStableDiffusion3Pipeline:
+    ) -> SCFMPipelineMixin:
         """Wrap the components of a loaded stock pipeline (no copy of the weights) as an SCFM pipeline.
 
         The components are shared: an adapter loaded here is also on ``pipeline``'s transformer.
         """
         family = family_of_pipeline(pipeline)
-        pipe = SCFM_PIPELINE_CLASSES[family.name].from_pipe(pipeline)
+        pipe = scfm_pipeline_class(family).from_pipe(pipeline)
         if adapter is not None:
             pipe.load_scfm_adapter(adapter, adapter_name=adapter_name, **settings)
         elif settings:

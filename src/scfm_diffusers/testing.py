@@ -46,8 +46,6 @@ __all__ = [
     "tiny_sd3_pipeline",
 ]
 
-FAMILIES = ("flux", "sd3")
-
 
 @dataclass
 class TinyModelConfig:
@@ -245,11 +243,10 @@ def tiny_sd3_pipeline(
 
 
 def tiny_pipeline(family: str, config: TinyModelConfig | None = None, **kwargs):
-    """Build the tiny pipeline of ``family`` (``"flux"`` or ``"sd3"``)."""
-    builders = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}
-    if family not in builders:
-        raise ValueError(f"Unknown family {family!r}; expected one of {sorted(builders)}.")
-    return builders[family](config, **kwargs)
+    """Build the tiny pipeline of ``family`` (any name of :data:`scfm_diffusers.families.FAMILIES`)."""
+    from .families import get_family
+
+    return get_family(family).tiny_pipeline(config, **kwargs)
 
 
 def save_tiny_pipeline(family: str, directory: str | os.PathLike, config: TinyModelConfig | None = None) -> str:

@@ -35,9 +35,8 @@ import torch
 from peft import LoraConfig
 
 from ..adapter import SCFMInferenceSettings, save_adapter
-from ..families import family_of_pipeline
+from ..families import ConditioningConfig, family_of_pipeline
 from ..training.timesteps import GridSamplerConfig, sample_grid_steps
-from ..training.velocity import get_training_family
 
 __all__ = [
     "BASELINES",
@@ -194,11 +193,15 @@ def generate_reflow_pairs(
         ``{"noise": (P, ...), "samples": (P, ...), "prompt_index": (P,) long, "prompts": unique prompts,
         "latent_shape": unpacked latent shape of one sample}`` on the CPU, float32.
     """
-    family = get_training_family(family_of_pipeline(pipeline).name)
+    family = family_of_pipeline(pipeline)
     unique = list(dict.fromkeys(prompts))
     index_of = {prompt: i for i, prompt in enumerate(unique)}
     generator = torch.Generator().manual_seed(config.seed)
-    guidance = config.guidance_scale if config.guidance_scale is not None else family.inference_guidance_scale
+    guidance = (
+        config.guidance_scale
+        if config.guidance_scale is not None
+        else family.adapter_guidance_scale(ConditioningConfig())
+    )
     device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
     noises, samples, indices = [], [], []
     for start in range(0, config.num_pairs, config.pair_batch_size):
@@ -259,7 +262,7 @@ def train_reflow_lora(
         The adapter folder.
     """
     log = progress or (lambda message: None)
-    family = get_training_family(family_of_pipeline(pipeline).name)
+    family = family_of_pipeline(pipeline)
     transformer = pipeline.transformer
     start = time.perf_counter()
     pairs = generate_reflow_pairs(pipeline, prompts, config, progress=None)
@@ -273,8 +276,13 @@ def train_reflow_lora(
     device = transformer.device
     text = {k: v.to(device) for k, v in text.items()}
     uncond = {k: v.to(device) for k, v in uncond.items()}
-    guidance_scale = config.guidance_scale if config.guidance_scale is not None else family.inference_guidance_scale
-    has_guidance = getattr(transformer.config, "guidance_embeds", False)
+    guidance_scale = (
+        config.guidance_scale
+        if config.guidance_scale is not None
+        else family.adapter_guidance_scale(ConditioningConfig())
+    )
+    # Reflow trains at the one guidance it samples with (embedded guidance fixed; CFG families at that scale).
+    condition = ConditioningConfig(guidance_scale=guidance_scale, cfg_scale=guidance_scale)
 
     adapter_name = "reflow"
     transformer.requires_grad_(False)
@@ -309,10 +317,8 @@ def train_reflow_lora(
             s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
             x_sigma = (1.0 - s) * x0 + s * noise
             batch_text = {k: v[pairs["prompt_index"][rows].to(device)] for k, v in text.items()}
-            options = {"uncond": uncond, "cfg_scale": guidance_scale, "guidance": None}
-            if has_guidance:
-                options["guidance"] = torch.full((config.batch_size,), guidance_scale, device=device)
-            velocity = family.velocity_fn(transformer, batch_text, pairs["latent_shape"], **options)
+            options = family.sample_conditioning(transformer, config.batch_size, condition, generator)
+            velocity = family.velocity_fn(transformer, batch_text, pairs["latent_shape"], uncond=uncond, **options)
             prediction = velocity(x_sigma, sigma, torch.arange(config.batch_size, device=device))
             loss = (prediction.float() - (noise - x0)).square().mean()
             optimizer.zero_grad(set_to_none=True)
