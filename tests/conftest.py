@@ -1,8 +1,11 @@
 """Shared fixtures: tiny real Flux / SD3 pipelines (built offline) and their saved folders."""
 
+import importlib.util
 import io
 import os
+import sys
 import tarfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # without it a Hub id takes ~28 s to fail
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -17,6 +20,17 @@ from PIL import Image  # noqa: E402
 from scfm_diffusers.testing import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_scfm_lora.py"
+
+
+@pytest.fixture(scope="session")
+def train_script():
+    """The example script as a module (it is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_scfm_lora", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ where the launcher matters go through `accelerate launch` subprocesses; error pa
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -97,16 +96,6 @@ def _write_image_folder(folder: Path, num_good: int, num_garbage: int = 0, seed:
 def image_folder(tmp_path_factory) -> Path:
     """~8 random PNGs (40×36, so every resolution crops) with a metadata.jsonl of captions."""
     return _write_image_folder(tmp_path_factory.mktemp("images"), NUM_IMAGES)
-
-
-@pytest.fixture(scope="session")
-def train_script():
-    """The example script as a module (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_scfm_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
 
 
 def script_args(pipeline: str, data: Path, output_dir: Path, family: str = "flux", *extra: str) -> list[str]:

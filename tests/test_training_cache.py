@@ -203,3 +203,33 @@ def test_text_shards_are_bounded_in_bytes(pipe, tmp_path):
     ]
     assert cache.index["text_shard_size"] == 3 and cache.caption(6) == "caption 6"
     assert torch.equal(cache[6]["prompt_embeds"], build(samples, tmp_path / "big", Encoders(pipe))[6]["prompt_embeds"])
+
+
+class MaskedEncoders(Encoders):
+    """Encoders of a family whose text is padded embeddings plus a mask and ids (Qwen-Image, Z-Image)."""
+
+    def prompts(self, prompts):
+        text = super().prompts(prompts)
+        lengths = torch.tensor([min(len(p), 8) for p in prompts])
+        text["prompt_embeds_mask"] = torch.arange(8)[None] < lengths[:, None]  # bool (B, 8)
+        text["token_ids"] = torch.arange(8, dtype=torch.int64)[None].repeat(len(prompts), 1) * 1000003  # > bf16
+        return text
+
+
+def test_masks_and_ids_keep_their_dtype_and_count_in_the_shard_bound(pipe, tmp_path):
+    samples = square_samples(tmp_path, ["a", "a much longer caption", "mid size"])
+    cache = build(samples, tmp_path / "cache", MaskedEncoders(pipe), dtype=torch.bfloat16)
+    for index, caption in enumerate(["a", "a much longer caption", "mid size"]):
+        item = cache[index]
+        assert item["prompt_embeds"].dtype == torch.bfloat16
+        assert item["prompt_embeds_mask"].dtype == torch.bool
+        assert item["prompt_embeds_mask"].sum() == min(len(caption), 8)
+        assert torch.equal(item["token_ids"], torch.arange(8) * 1000003)  # exact: never through bf16
+    batch = cache.collate([cache[0], cache[1]])
+    assert batch["prompt_embeds_mask"].dtype == torch.bool and batch["prompt_embeds_mask"].shape == (2, 8)
+    # 8·32 + 32 bf16 values + 8 bool + 8 int64 bytes per caption: 2 captions fit, not 3.
+    per_caption = (8 * 32 + 32) * 2 + 8 + 8 * 8
+    bounded = build(
+        samples, tmp_path / "bounded", MaskedEncoders(pipe), shard_size=100, text_shard_bytes=2 * per_caption
+    )
+    assert bounded.index["text_shard_size"] == 2

@@ -114,10 +114,10 @@ class SCFMPipelineMixin:
             arguments["num_inference_steps"] = settings.num_inference_steps
         if arguments["num_inference_steps"] < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {arguments['num_inference_steps']}.")
-        if arguments.get("guidance_scale") is None:
-            arguments["guidance_scale"] = settings.guidance_scale
+        family = family_of_pipeline(self)
+        family.fill_guidance(arguments, settings.guidance_scale)
         # An explicit {"scale": ...} in the attention kwargs wins over lora_scale, as in the stock pipelines.
-        kwarg = family_of_pipeline(self).lora_scale_kwarg
+        kwarg = family.lora_scale_kwarg
         attention_kwargs = dict(arguments.get(kwarg) or {})
         if lora_scale is None:  # the scale calibrated for this step count, else the adapter's default
             lora_scale = settings.lora_scale_for(arguments["num_inference_steps"])

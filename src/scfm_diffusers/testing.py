@@ -39,6 +39,7 @@ from transformers import (
 __all__ = [
     "TinyModelConfig",
     "byte_level_clip_tokenizer",
+    "byte_level_qwen2_tokenizer",
     "character_t5_tokenizer",
     "save_tiny_pipeline",
     "tiny_flux_pipeline",
@@ -91,6 +92,31 @@ def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     vocab = {token: index for index, token in enumerate(tokens)}
     # transformers 5.x wants merges as tuples; no merges at all keeps one token per byte.
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+#: A Qwen-style chat template (what Qwen2.5-VL / Qwen3 tokenizers ship, less tools and thinking blocks).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+
+def byte_level_qwen2_tokenizer(model_max_length: int = 1024, chat_template: str = QWEN_CHAT_TEMPLATE):
+    """A byte-level BPE ``Qwen2Tokenizer`` (no merges: one token per byte) with Qwen's special tokens and a
+    chat template: it serves the Qwen2.5-VL (Qwen-Image) and Qwen3 (Flux.2 Klein, Z-Image) text encoders.
+
+    ``<|endoftext|>`` is the pad/eos token, as in Qwen's own tokenizers.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {token: index for index, token in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def character_t5_tokenizer() -> T5Tokenizer:

@@ -57,7 +57,8 @@ def present_modules(transformer: torch.nn.Module, names: tuple[str, ...] | list[
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of a (possibly accelerate-wrapped) model's frozen floating weights: inputs are cast to it."""
     module = getattr(model, "module", model)
-    return next(p.dtype for p in module.parameters() if p.is_floating_point() and not p.requires_grad)
+    floating = [p for p in module.parameters() if p.is_floating_point()]
+    return next((p.dtype for p in floating if not p.requires_grad), floating[0].dtype)  # LoRA weights train in fp32
 
 
 class Family:
@@ -81,6 +82,8 @@ class Family:
         max_grad_norm: Gradient-norm clip of the reference code.
         dynamic_shift_prob: Share of training grids with the resolution-dependent shift.
         latent_patch: Pixels of one latent token edge = VAE factor × transformer patch (resolution multiple).
+        tiny_resolution: Image size that gives the tiny pipeline of :meth:`tiny_pipeline` ~256 latent tokens
+            (its VAE does not downsample).
     """
 
     name: ClassVar[str]
@@ -95,6 +98,7 @@ class Family:
     max_grad_norm: ClassVar[float] = 1.0
     dynamic_shift_prob: ClassVar[float] = 0.0
     latent_patch: ClassVar[int] = 16
+    tiny_resolution: ClassVar[int] = 32
 
     # ---------------------------------------------------------------------------------------------------
     # Classes
@@ -217,6 +221,15 @@ class Family:
         if self.guidance == "cfg":
             return self.training_cfg_scale(config)
         return float(self.default_settings["guidance_scale"])
+
+    def fill_guidance(self, arguments: dict[str, Any], guidance_scale: float) -> None:
+        """Put the adapter's guidance into a pipeline call's ``arguments`` where the caller set none.
+
+        Most pipelines take embedded guidance or CFG as ``guidance_scale``; a family whose pipeline names it
+        otherwise (Qwen-Image's ``true_cfg_scale`` with a negative prompt) overrides this.
+        """
+        if arguments.get("guidance_scale") is None:
+            arguments["guidance_scale"] = guidance_scale
 
     def velocity_fn(
         self,

@@ -37,6 +37,7 @@ class SD3Family(Family):
     default_settings = {"num_inference_steps": 8, "shift": 3.0, "guidance_scale": 4.5, "lora_scale": 1.0}
     max_grad_norm = 2.0
     latent_patch = 16  # VAE factor 8 × patch 2
+    tiny_resolution = 16
 
     def encode_prompts(self, pipeline, prompts, max_sequence_length, device=None):
         prompt_embeds, _, pooled, _ = pipeline.encode_prompt(

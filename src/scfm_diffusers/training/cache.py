@@ -21,7 +21,7 @@ Real SCFM runs use thousands to hundreds of thousands of captioned images; a FLU
   item with positioned reads (``os.pread``), not a memory map, so the file pages it touches do not count
   against the process (a memory map's pages do: they would make RSS grow with the data set).
 
-Time and tensor conventions are those of :mod:`scfm_diffusers.training.velocity`: latents are in the
+Time and tensor conventions are those of :mod:`scfm_diffusers.families`: latents are in the
 transformer's space, ``(C, h, w)`` per row.
 
 Example:
@@ -77,6 +77,10 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "I64": torch.int64,
     "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 #: ``pixels (B, 3, H, W), per-row generators`` → latents ``(B, C, h, w)`` in the transformer's space.
@@ -291,6 +295,11 @@ def _discard_stale(directory: Path, fingerprint: str, settings: Mapping[str, Any
     shutil.rmtree(directory)
 
 
+def _stored_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Embeddings are stored in the cache dtype; masks and ids (bool, int) keep their own."""
+    return dtype if value.is_floating_point() else value.dtype
+
+
 def _text_shard_size(
     directory: Path, captions: list[str], encode_prompts: PromptEncoder, dtype: torch.dtype, limit: int, max_bytes: int
 ) -> int:
@@ -304,7 +313,7 @@ def _text_shard_size(
     if first is not None:
         return len(first["captions"])  # all shards but the last have this size; a lone shard may be shorter
     probe = encode_prompts(captions[:1])
-    per_caption = sum(value[0].numel() * torch.finfo(dtype).bits // 8 for value in probe.values())
+    per_caption = sum(value[0].numel() * _stored_dtype(value, dtype).itemsize for value in probe.values())
     return max(1, min(limit, max_bytes // max(per_caption, 1)))
 
 
@@ -334,8 +343,9 @@ def _build_text_shards(
                 _check_rows(outputs, len(batch))
                 for key, value in outputs.items():
                     if key not in tensors:
-                        tensors[key] = torch.empty((len(shard_captions), *value.shape[1:]), dtype=dtype)
-                    tensors[key][start : start + len(batch)] = value.detach().to("cpu", dtype)
+                        stored = _stored_dtype(value, dtype)
+                        tensors[key] = torch.empty((len(shard_captions), *value.shape[1:]), dtype=stored)
+                    tensors[key][start : start + len(batch)] = value.detach().to("cpu", tensors[key].dtype)
                 bar.update(len(batch))
             sidecar = {"fingerprint": fingerprint, "captions": shard_captions, "keys": sorted(tensors)}
             _write_shard(directory, _shard_name("text", shard), tensors, sidecar)
@@ -468,7 +478,7 @@ def build_latent_cache(
         settings: Everything the cache depends on (model, revision, dtype, data set, every preprocessing
             flag); its hash is the fingerprint. JSON-serialisable values.
         encode_images: ``(pixels (B, 3, H, W) in [-1, 1], per-row generators)`` → ``(B, C, h, w)`` latents
-            in the transformer's space (e.g. :func:`~scfm_diffusers.training.velocity.encode_images`).
+            in the transformer's space (e.g. :meth:`scfm_diffusers.families.Family.encode_images`).
         encode_prompts: ``B`` captions → ``{key: (B, ...)}`` per-caption tensors.
         batch_size: Rows (or captions) per encoder call.
         shard_size: Rows per image shard (and at most this many captions per text shard).

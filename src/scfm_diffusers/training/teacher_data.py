@@ -26,6 +26,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .._files import temporary_sibling, write_text_atomic
+from ..families import family_of_pipeline
 
 __all__ = ["MANIFEST_FILE", "PNG_SETTINGS_KEY", "generate_teacher_images"]
 
@@ -130,8 +131,8 @@ def generate_teacher_images(
 
     call_kwargs = {"height": height, "width": width, "num_inference_steps": num_inference_steps}
     call_kwargs.update(common["pipeline_kwargs"])
-    if guidance_scale is not None:
-        call_kwargs["guidance_scale"] = guidance_scale
+    if guidance_scale is not None:  # in the pipeline's own terms (guidance_scale, or Qwen-Image's true_cfg_scale)
+        family_of_pipeline(pipeline).fill_guidance(call_kwargs, guidance_scale)
     progress_config = dict(getattr(pipeline, "_progress_bar_config", {}))
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
