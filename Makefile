@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e ".[train,test,quantization]" "deepspeed>=0.16"
+	$(PIP) -q -e ".[train,test,quantization,docs]" "deepspeed>=0.16"
 	touch $(STAMP)
 
 # Rebuilt from scratch whenever the floors change, so that nothing newer is left behind.
@@ -48,8 +48,13 @@ test-floor: $(FLOOR_STAMP)
 	$(FLOOR_BIN)/ruff format --check src tests examples benchmarks
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(FLOOR_BIN)/python -m pytest -n 2 -m "not slow"
 
+# The documentation site (mkdocs.yml, API reference from the docstrings) into site/, in the main venv (the
+# `docs` extra). --strict: a broken link or anchor, a page missing from the nav or a docstring warning fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m scfm_diffusers.evaluation.demo --output_dir demo_output
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache
