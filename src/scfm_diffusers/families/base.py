@@ -41,11 +41,21 @@ class ConditioningConfig:
         guidance_scale: One fixed embedded guidance instead of ``guidance_range`` (as in diffusers' scripts).
         cfg_scale: CFG families: ``v = v_u + cfg_scale·(v_c − v_u)`` for the student and every target
             (None: the family's ``default_settings["guidance_scale"]``).
+        caption_dropout: Share of rows whose caption is replaced by the empty prompt, for the student and
+            every target alike (diffusers' ``--caption_dropout``).
     """
 
     guidance_range: tuple[float, float] = (0.0, 7.5)
     guidance_scale: float | None = None
     cfg_scale: float | None = None
+    caption_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        low, high = self.guidance_range
+        if not 0.0 <= low <= high:
+            raise ValueError(f"guidance_range must be 0 <= low <= high, got {self.guidance_range}.")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}.")
 
 
 def present_modules(transformer: torch.nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:

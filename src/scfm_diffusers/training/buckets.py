@@ -169,6 +169,17 @@ def _randint(high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(high + 1, (), generator=generator))
 
 
+#: ``--image_interpolation_mode`` names -> PIL resampling filters (diffusers' scripts offer the same names).
+INTERPOLATION_MODES = {
+    "bilinear": PIL.Image.Resampling.BILINEAR,
+    "bicubic": PIL.Image.Resampling.BICUBIC,
+    "lanczos": PIL.Image.Resampling.LANCZOS,
+    "nearest": PIL.Image.Resampling.NEAREST,
+    "box": PIL.Image.Resampling.BOX,
+    "hamming": PIL.Image.Resampling.HAMMING,
+}
+
+
 def resize_and_crop(
     image: PIL.Image.Image,
     bucket: tuple[int, int],
@@ -176,6 +187,7 @@ def resize_and_crop(
     center_crop: bool,
     generator: torch.Generator | None,
     random_flip: bool,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Turn a PIL image into a ``(3, h, w)`` float32 tensor in ``[-1, 1]`` for the bucket ``(h, w)``.
 
@@ -192,20 +204,24 @@ def resize_and_crop(
         center_crop: Crop at the centre instead of at random.
         generator: Source of the crop offsets and the flip.
         random_flip: Flip horizontally with probability ½.
+        interpolation: PIL resampling filter of the resize (:data:`INTERPOLATION_MODES`; diffusers'
+            ``--image_interpolation_mode``).
 
     Returns:
         ``(3, h, w)`` float32 pixels in ``[-1, 1]``.
 
     Raises:
-        ValueError: A non-positive bucket side.
+        ValueError: A non-positive bucket side, or an unknown interpolation mode.
     """
     height, width = bucket
     if height <= 0 or width <= 0:
         raise ValueError(f"Bucket sides must be positive, got {bucket}.")
+    if interpolation not in INTERPOLATION_MODES:
+        raise ValueError(f"Unknown interpolation {interpolation!r}; expected one of {sorted(INTERPOLATION_MODES)}.")
     image = PIL.ImageOps.exif_transpose(image).convert("RGB")
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, PIL.Image.Resampling.BILINEAR)
+    image = image.resize(size, INTERPOLATION_MODES[interpolation])
     if center_crop:
         left, top = (image.width - width) // 2, (image.height - height) // 2
     else:

@@ -40,7 +40,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .buckets import assign_bucket, resize_and_crop
+from .buckets import INTERPOLATION_MODES, assign_bucket, resize_and_crop
 
 __all__ = [
     "ImageCaptionPreprocessor",
@@ -215,7 +215,7 @@ class ImageCaptionPreprocessor:
     """Decode, resize and crop images to ``(3, H, W)`` tensors in ``[-1, 1]``, like the diffusers scripts.
 
     Without ``buckets`` every image becomes a ``resolution`` square: the shorter side is resized to
-    ``resolution`` (bilinear, upscaling small images), then cropped. With ``buckets`` (see
+    ``resolution`` (bilinear by default, upscaling small images), then cropped. With ``buckets`` (see
     :func:`~scfm_diffusers.training.buckets.make_buckets`) each image goes to the bucket closest to its aspect
     ratio among those it covers without upscaling; an image that covers none is skipped as ``"too small"``.
     Crops are centred (``center_crop=True``) or random, with a horizontal flip of probability ½ if
@@ -230,6 +230,7 @@ class ImageCaptionPreprocessor:
         caption_column: Column holding the captions (a string, or a list of strings: one is drawn).
         seed: Seed of the crop / flip / caption choices.
         buckets: ``(height, width)`` buckets, or None for squares.
+        interpolation: Resize filter, a key of :data:`~scfm_diffusers.training.buckets.INTERPOLATION_MODES`.
     """
 
     def __init__(
@@ -242,9 +243,13 @@ class ImageCaptionPreprocessor:
         caption_column: str = "text",
         seed: int = 0,
         buckets: Sequence[tuple[int, int]] | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}.")
+        if interpolation not in INTERPOLATION_MODES:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATION_MODES)}, got {interpolation!r}.")
+        self.interpolation = interpolation
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -270,7 +275,12 @@ class ImageCaptionPreprocessor:
                 )
         generator = row_generator(self.seed, index, IMAGE_STREAM)
         return resize_and_crop(
-            image, bucket, center_crop=self.center_crop, generator=generator, random_flip=self.random_flip
+            image,
+            bucket,
+            center_crop=self.center_crop,
+            generator=generator,
+            random_flip=self.random_flip,
+            interpolation=self.interpolation,
         )
 
     def caption(self, value: Any, index: int) -> str:

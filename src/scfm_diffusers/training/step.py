@@ -21,7 +21,7 @@ from .ema import DualLoraEMA
 from .objective import SCFMLossOutput, scfm_loss
 from .timesteps import GridSamplerConfig, StepSample, sample_grid_steps
 
-__all__ = ["SCFMStepOutput", "scfm_training_losses"]
+__all__ = ["SCFMStepOutput", "drop_captions", "scfm_training_losses"]
 
 
 @dataclass
@@ -47,6 +47,26 @@ class SCFMStepOutput:
         return values
 
 
+def drop_captions(
+    text: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], p: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Replace each row's text tensors by the empty prompt's with probability ``p`` (one draw per row).
+
+    Args:
+        text: ``{key: (B, ...)}`` text tensors of the batch.
+        uncond: The same keys for the empty prompt, batch 1 (the family pads both to one shape).
+        p: Drop probability.
+        generator: CPU generator of the draws.
+    """
+    n = len(next(iter(text.values())))
+    dropped = torch.rand(n, generator=generator) < p
+    out = {}
+    for key, value in text.items():
+        keep = dropped.to(value.device).reshape(-1, *([1] * (value.dim() - 1)))
+        out[key] = torch.where(keep, uncond[key].to(value), value)
+    return out
+
+
 def scfm_training_losses(
     model: Callable[..., torch.Tensor],
     ema: DualLoraEMA,
@@ -69,7 +89,8 @@ def scfm_training_losses(
         uncond: The family's empty-prompt text tensors (CFG families).
         grid: The objective's grid settings.
         conditioning: Guidance / CFG settings of the batch.
-        generator: CPU generator of the noise, the steps and the guidance draws (in that order).
+        generator: CPU generator of the noise, the steps, the guidance and the caption-dropout draws (in
+            that order).
 
     Returns:
         The losses and the steps.
@@ -82,6 +103,8 @@ def scfm_training_losses(
     steps = sample_grid_steps(n, grid, image_seq_len=family.image_seq_len(latents), generator=generator)
     steps = steps.to(x0.device)
     options = family.sample_conditioning(ema.transformer, n, conditioning, generator)
+    if conditioning.caption_dropout > 0:
+        text = drop_captions(text, uncond, conditioning.caption_dropout, generator)
     target = family.velocity_fn(ema.transformer, text, latents.shape, uncond=uncond, **options)  # no grad
     losses = scfm_loss(
         student=family.velocity_fn(model, text, latents.shape, uncond=uncond, **options),

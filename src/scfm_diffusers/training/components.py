@@ -1,0 +1,205 @@
+"""What the training script builds before its loop: the frozen base, the student LoRA's config, the optimizer
+and its schedule, the Hub repository, the launch checks and the record that makes a run the same run.
+
+Every function takes the parsed configuration of :mod:`scfm_diffusers.training.config` (``args``) and the
+pieces it needs; nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list
+from diffusers import DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig
+
+from ..adapter import create_adapter_repo
+from ..families import Family, family_of_class_name
+from ..hub import base_model_hub_id, base_model_identity, check_hub_repo_id
+from .quantization import check_distributed_support, load_quantized_transformer
+
+__all__ = [
+    "check_launch",
+    "create_hub_repo",
+    "load_base_model",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "run_record",
+    "student_lora_config",
+    "warn_about_command_line_token",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def load_base_model(
+    args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
+) -> tuple[Any, Family]:
+    """The base pipeline (frozen, on the device except offloaded encoders) and its family (``model_index.json``)."""
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, **hub)
+    family = family_of_class_name(config.get("_class_name", "<none>"))
+    components = {}
+    if args.quantize_base:  # a quantized base is also a quantized teacher (adapters off), at no extra memory
+        components["transformer"] = load_quantized_transformer(
+            args.pretrained_model_name_or_path,
+            family.name,
+            args.quantize_base,
+            torch_dtype=weight_dtype,
+            revision=args.revision,
+            variant=args.variant,
+            device=accelerator.device,
+        )
+    pipe = family.pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path, variant=args.variant, torch_dtype=weight_dtype, **hub, **components
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    # With --offload the encoders wait on the CPU and visit the GPU only to encode.
+    resident = [pipe.transformer] if args.offload else [m for m in pipe.components.values() if hasattr(m, "to")]
+    for module in resident:
+        module.to(accelerator.device)
+    return pipe, family
+
+
+def student_lora_config(args: argparse.Namespace, family: Family, transformer: torch.nn.Module) -> LoraConfig:
+    """The student's LoRA: --lora_layers (comma-separated, as in diffusers' scripts) or the family's targets."""
+    if args.lora_layers:
+        targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+        modules = {name for name, _ in transformer.named_modules()}
+        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            raise ValueError(
+                f"--lora_layers names modules this {family.name} transformer does not have: {missing}. "
+                f"The family's default targets are: {','.join(family.lora_target_modules(transformer))}."
+            )
+    else:
+        targets = family.lora_target_modules(transformer)
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+
+
+def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (8-bit with --use_8bit_adam) or Prodigy, with the script's hyper-parameters."""
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError as error:
+            raise ImportError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from error
+        if args.learning_rate <= 0.1:
+            logger.warning(
+                f"Prodigy estimates the step size itself and expects --learning_rate around 1.0; got {args.learning_rate}."
+            )
+        return prodigyopt.Prodigy(
+            params,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_processes: int) -> Any:
+    """diffusers' learning-rate schedule (counted per process, as accelerate steps it on every process)."""
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+def warn_about_command_line_token(args: argparse.Namespace) -> None:
+    """A token given as --hub_token shows in process lists, shell history and accelerate's failure messages."""
+    if args.hub_token:
+        logger.warning(
+            "--hub_token puts the token on the command line, where process lists, shell history and accelerate's "
+            "error messages (which echo the whole command) show it. Use `hf auth login` or the HF_TOKEN variable."
+        )
+
+
+def create_hub_repo(args: argparse.Namespace, accelerator: Accelerator) -> str:
+    """Create the Hub repository on the main process, after checking the card's metadata; every process stops if
+    that fails (none waits at a barrier for a main process that is gone). The token is never shown."""
+    base_model = base_model_hub_id(args.pretrained_model_name_or_path, args.base_model_id)
+    if base_model is None:
+        raise ValueError(
+            f"--push_to_hub needs the Hub id of the base model for the model card's base_model, and "
+            f"{args.pretrained_model_name_or_path!r} is a local folder with none: add --base_model_id org/name (the "
+            "repository the folder was downloaded from). A local path is never published."
+        )
+    check_hub_repo_id(base_model, "The base model id")
+    repo_id, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            name = args.hub_model_id or Path(args.output_dir).resolve().name
+            repo_id = create_adapter_repo(name, token=args.hub_token, private=args.hub_private)
+        except (ValueError, OSError) as error:  # PermissionError is an OSError
+            failure = error
+    outcome = broadcast_object_list([repo_id, None if failure is None else str(failure)])
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise RuntimeError(f"The main process could not create the Hub repository: {outcome[1]}")
+    return outcome[0]
+
+
+def check_launch(distributed_type: DistributedType, quantize_base: str | None) -> None:
+    """Refuse launches this script cannot train correctly, before anything is loaded.
+
+    FSDP: accelerate runs it only on accelerators (on CPU it errors or silently falls back to DDP), so this
+    project cannot test it, and the EMA adapters and checkpoint hooks assume whole LoRA tensors on every
+    process. A quantized base cannot be wrapped by DeepSpeed (or FSDP) either.
+    """
+    if distributed_type == DistributedType.FSDP:
+        raise NotImplementedError(
+            "FSDP is not supported by examples/train_scfm_lora.py yet (untestable without GPUs, and the EMA adapters "
+            "and checkpoints expect whole LoRA tensors). For a base that does not fit one GPU, train on a quantized "
+            "base (--quantize_base nf4) with one process or DDP, or use DeepSpeed ZeRO-2 "
+            "(examples/configs/deepspeed_zero2.yaml); see docs/quantization.md."
+        )
+    if quantize_base:
+        check_distributed_support(quantize_base, distributed_type)
+
+
+def run_record(args: argparse.Namespace, family: Family, lora_config: LoraConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it (the base by content, never by path)."""
+    return {
+        "base_model": base_model_identity(args.pretrained_model_name_or_path),
+        "family": family.name,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_targets": sorted(lora_config.target_modules),
+    }
