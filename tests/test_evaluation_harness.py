@@ -250,8 +250,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert demo.train_scfm(runs) == list(runs)
 
 
-def test_cli_end_to_end(tmp_path, saved_pipelines, flux):
-    from scfm_diffusers.evaluation.cli import main
+def test_cli_end_to_end(tmp_path, saved_pipelines, flux, capsys):
+    from scfm_diffusers.evaluation.cli import parse_args, run
     from scfm_diffusers.evaluation.metrics import register_feature_extractor
 
     register_feature_extractor("test-random-features", overwrite=True)(RandomFeatures)
@@ -267,15 +267,16 @@ def test_cli_end_to_end(tmp_path, saved_pipelines, flux):
     for i in range(3):
         PIL.Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(real / f"{i}.png")
     out = tmp_path / "eval"
-    payload = main([
+    payload = run(parse_args([
         "--base_model", saved_pipelines["flux"], "--adapter", f"mine={adapter}", "--prompts_file", str(prompts),
         "--num_images", "3", "--steps", "1", "2", "--teacher_steps", "4", "--teacher_shifts", "1.0",
         "--feature_extractor", "test-random-features",
         "--real_images_dir", str(real), "--height", "32", "--width", "32", "--latency_repeats", "1",
         "--max_sequence_length", "16", "--output_dir", str(out),
-    ])  # fmt: skip
+    ]))  # fmt: skip
     methods = [(r["method"], r["num_inference_steps"]) for r in payload["rows"]]
     assert methods[0] == ("teacher", 4) and ("mine", 2) in methods and ("teacher Euler shift 1", 1) in methods
     assert payload["rows"][0]["paired_mse"] < 1e-10 and payload["rows"][-1]["fd_vs_real"] is not None
     assert all((out / name).is_file() for name in ("results.md", "results.json", "grid.png", "quality_vs_steps.png"))
     assert Path(adapter, "scfm_settings.json").is_file()
+    assert capsys.readouterr().out.strip() == (out / "results.md").read_text().split("\n\n")[1].strip()  # the table

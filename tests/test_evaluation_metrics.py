@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -181,9 +182,43 @@ def test_registry_other_modules_can_register_and_unknown_name_lists_known(monkey
 
     with pytest.raises(ValueError, match="already registered"):
         register_feature_extractor("test-flatten")(lambda: Flatten())
-    with pytest.raises(ValueError, match=r"Unknown feature extractor 'nope'; known: 'clip', ") as error:
+    with pytest.raises(
+        ValueError, match=r"Unknown feature extractor 'nope'; known: 'clip', 'digits-classifier'"
+    ) as error:
         get_feature_extractor("nope")
     assert all(repr(name) in str(error.value) for name in ("clip", "inception", "test-flatten"))
+
+
+def test_lazy_entries_import_their_module_only_when_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "_FEATURE_EXTRACTORS", dict(metrics._FEATURE_EXTRACTORS))  # undone after the test
+    (tmp_path / "scfm_test_lazy_features.py").write_text(
+        "class Flatten:\n"
+        "    name = 'flatten'\n"
+        "    def __init__(self, scale=1.0):\n"
+        "        self.scale = scale\n"
+        "    def __call__(self, images):\n"
+        "        return self.scale * images.flatten(1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "scfm_test_lazy_features", raising=False)
+    metrics._FEATURE_EXTRACTORS["test-lazy"] = "scfm_test_lazy_features:Flatten"
+    assert "test-lazy" in available_feature_extractors() and "scfm_test_lazy_features" not in sys.modules
+    extractor = get_feature_extractor("test-lazy", scale=3.0)
+    assert "scfm_test_lazy_features" in sys.modules and extractor(torch.ones(1, 1, 2, 2)).tolist() == [[3.0] * 4]
+    # Resolved once; any "module:attribute" works unregistered; a registration replaces a lazy placeholder.
+    assert metrics._FEATURE_EXTRACTORS["test-lazy"] is type(extractor)
+    assert type(get_feature_extractor("scfm_test_lazy_features:Flatten")) is type(extractor)
+    metrics._FEATURE_EXTRACTORS["test-placeholder"] = "scfm_test_lazy_features:Flatten"
+    register_feature_extractor("test-placeholder")(type(extractor))
+    with pytest.raises(ImportError, match="has no 'Missing'"):
+        get_feature_extractor("scfm_test_lazy_features:Missing")
+    with pytest.raises(ModuleNotFoundError):
+        get_feature_extractor("scfm_no_such_module:Factory")
+    # The demo's classifier is registered by name without importing the demo.
+    assert metrics._FEATURE_EXTRACTORS["digits-classifier"] in (
+        "scfm_diffusers.evaluation.digits:DigitsClassifierFeatureExtractor",
+        getattr(sys.modules.get("scfm_diffusers.evaluation.digits"), "DigitsClassifierFeatureExtractor", None),
+    )
 
 
 def test_clip_missing_local_dir_gives_clear_error(tmp_path, monkeypatch):

@@ -103,9 +103,9 @@ def test_velocity_is_the_finite_difference_of_the_pipeline_euler_step(name):
             pipe.transformer, 1, ConditioningConfig(guidance_scale=guidance, cfg_scale=guidance), torch.Generator()
         )
         call = {"latents": x.clone(), "num_inference_steps": 1, "height": size, "width": size}
-        family.fill_guidance(call, guidance)
-        stepped = pipe(**family.pipeline_text_kwargs(text, uncond, dtype=torch.float32), **call, output_type="latent")
-        stepped = stepped.images
+        call.update(family.pipeline_text_kwargs(text, uncond, dtype=torch.float32))
+        family.fill_guidance(call, guidance)  # after the text: it may add a negative prompt only where none is given
+        stepped = pipe(**call, output_type="latent").images
         sigma = pipe.scheduler.sigmas[0].reshape(1).float()
         assert pipe.scheduler.sigmas[1] == 0
         velocity = family.velocity_fn(pipe.transformer, text, latents.shape, uncond=uncond, **options)

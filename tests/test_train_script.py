@@ -620,13 +620,18 @@ def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script
     guided = flux.tiny_pipeline(TinyModelConfig(guidance_embeds=True)).transformer
 
     def draw(argv, n):
-        return flux.sample_conditioning(guided, n, train_script.conditioning_config(train_script.parse_args(argv)), rng)
+        return flux.sample_conditioning(
+            guided, n, train_script.conditioning_config(train_script.parse_args(argv)), rng
+        )
 
     sampled = draw(base, 1000)["guidance"]
     assert 0.0 <= sampled.min() and sampled.max() < 7.5 and sampled.std() > 1.0  # the method's U[0, 7.5)
     assert torch.equal(draw([*base, "--guidance_scale", "3.5"], 8)["guidance"], torch.full((8,), 3.5))
     unguided = flux.tiny_pipeline().transformer  # schnell-like: no guidance embedding, no guidance input
-    assert flux.sample_conditioning(unguided, 8, train_script.conditioning_config(train_script.parse_args(base)), rng) == {}
+    assert (
+        flux.sample_conditioning(unguided, 8, train_script.conditioning_config(train_script.parse_args(base)), rng)
+        == {}
+    )
 
 
 def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):

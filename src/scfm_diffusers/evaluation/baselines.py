@@ -209,13 +209,16 @@ def generate_reflow_pairs(
         batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
         shape = _latent_shape(pipeline, n, config.height, config.width)
         noise = family.to_model_space(torch.randn(shape, generator=generator))
+        call = {
+            "prompt": batch_prompts,
+            "latents": noise.to(device, dtype),
+            "num_inference_steps": config.teacher_steps,
+        }
+        family.fill_guidance(call, guidance)  # the pipeline's own guidance argument (Qwen-Image: true CFG)
         output = pipeline(
-            prompt=batch_prompts,
-            latents=noise.to(device, dtype),
-            num_inference_steps=config.teacher_steps,
+            **call,
             height=config.height,
             width=config.width,
-            guidance_scale=guidance,
             max_sequence_length=config.max_sequence_length,
             output_type="latent",
         )

@@ -10,7 +10,13 @@ For a Flux or SD3 base model, ``num_images`` (prompt, seed) pairs are sampled by
 
 Image i always starts from the noise of seed ``--seed + i``, so the paired error to the reference is
 measured from the same noise. Writes ``results.json``, ``results.md``, ``grid.png`` and
-``quality_vs_steps.png`` to ``--output_dir`` and prints the table.
+``quality_vs_steps.png`` (with matplotlib: ``pip install "scfm-diffusers[eval]"``) to ``--output_dir`` and
+prints the table on stdout; progress goes to stderr. Exit status: 0 on success, 2 for a usage error, 1 when
+the evaluation fails (one ``scfm-eval: error: ...`` line on stderr).
+
+``--feature_extractor`` takes a registered name (see ``--help``) or the ``module:factory`` of any
+extractor, imported only when built (e.g. ``scfm_diffusers.evaluation.digits:DigitsClassifierFeatureExtractor``,
+what the registered ``digits-classifier`` points to).
 
 Example (one GPU)::
 
@@ -25,7 +31,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
+import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +43,21 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import digits as _digits  # noqa: F401  (registers the "digits-classifier" feature extractor)
+from .._files import read_prompts
 from .harness import ReferenceSet, evaluate, fixed_shift_scheduler, generate
-from .metrics import available_feature_extractors, extract_features, get_feature_extractor
+from .metrics import available_feature_extractors, extract_features, feature_extractor_factory
 from .report import markdown_table, write_report
 
-__all__ = ["build_feature_extractor", "load_image_folder", "main", "parse_args"]
+__all__ = ["build_feature_extractor", "load_image_folder", "main", "parse_args", "run"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (see the module docstring)."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (see the module docstring); exits with status 2 on a usage error."""
     p = argparse.ArgumentParser(prog="scfm-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--base_model", required=True, help="Flux or SD3 pipeline: folder or Hub id.")
     p.add_argument(
@@ -75,9 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--feature_extractor",
         default=None,
-        help=f"Registered feature extractor for FD ({', '.join(available_feature_extractors())}).",
+        help=f"Feature extractor for FD: {', '.join(available_feature_extractors())} or a module:factory.",
     )
-    p.add_argument("--feature_extractor_path", default=None, help="Weights of the feature extractor (CLIP folder/id).")
+    p.add_argument(
+        "--feature_extractor_path",
+        default=None,
+        help="Weights of the feature extractor (CLIP folder or Hub id; digits-classifier folder).",
+    )
     p.add_argument("--real_images_dir", default=None, help="Folder of real images: enables FD vs real and ΔFD.")
     p.add_argument("--clip_model_path", default=None, help="CLIP model for the CLIP score (folder or Hub id).")
     p.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call.")
@@ -87,24 +103,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid_images", type=int, default=8, help="Columns of the image grid (0: no grid).")
     p.add_argument("--output_dir", default="scfm-eval", help="Report folder.")
     args = p.parse_args(argv)
+    if args.num_images < 1 or min(args.steps + [args.teacher_steps]) < 1 or args.batch_size < 1:
+        p.error("--num_images, --steps, --teacher_steps and --batch_size must be >= 1.")
     if args.num_images < 2 and args.feature_extractor:
         p.error("--num_images must be >= 2 for Fréchet distances.")
+    if not os.path.isfile(args.prompts_file):
+        p.error(f"--prompts_file {args.prompts_file!r} is not a file.")
+    if args.real_images_dir is not None and not os.path.isdir(args.real_images_dir):
+        p.error(f"--real_images_dir {args.real_images_dir!r} is not a folder.")
+    known = available_feature_extractors()
+    if args.feature_extractor and args.feature_extractor not in known and ":" not in args.feature_extractor:
+        p.error(
+            f"unknown --feature_extractor {args.feature_extractor!r}; known: {', '.join(known)} or a module:factory."
+        )
     return args
 
 
 def build_feature_extractor(name: str, path: str | None = None, device: str | None = None) -> Any:
-    """Build a registered extractor, passing ``path`` as its ``model_path`` or ``path`` argument."""
-    from .metrics import _FEATURE_EXTRACTORS
-
+    """Build a registered (or ``module:factory``) extractor, passing ``path`` as its ``model_path`` or ``path``."""
+    factory = feature_extractor_factory(name)
+    params = inspect.signature(factory).parameters
     kwargs: dict[str, Any] = {}
-    if name in _FEATURE_EXTRACTORS:
-        params = inspect.signature(_FEATURE_EXTRACTORS[name]).parameters
-        if path is not None:
-            key = "model_path" if "model_path" in params else "path"
-            kwargs[key] = path
-        if device is not None and "device" in params:
-            kwargs["device"] = device
-    return get_feature_extractor(name, **kwargs)
+    if path is not None:
+        kwargs["model_path" if "model_path" in params else "path"] = path
+    if device is not None and "device" in params:
+        kwargs["device"] = device
+    return factory(**kwargs)
 
 
 def load_image_folder(folder: str | Path, height: int, width: int) -> torch.Tensor:
@@ -126,25 +150,29 @@ def _adapter_name_and_path(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).name or spec, spec
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run ``scfm-eval``; returns the JSON payload it writes."""
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate as ``args`` (from :func:`parse_args`) say; returns the payload written to ``results.json``.
+
+    Raises the error of whatever fails (a missing model, an unreadable adapter, ...).
+    """
     from diffusers import DiffusionPipeline
 
     from ..pipeline_scfm import SCFMPipeline
-    from ..training.data import read_prompts
 
-    args = parse_args(argv)
     start = time.perf_counter()
     prompt_list = read_prompts(args.prompts_file)
     prompts = [prompt_list[i % len(prompt_list)] for i in range(args.num_images)]
     seeds = [args.seed + i for i in range(args.num_images)]
-    pipe = DiffusionPipeline.from_pretrained(args.base_model, torch_dtype=DTYPES[args.dtype]).to(args.device)
+    logger.info("Loading %s (%s on %s).", args.base_model, args.dtype, args.device)
+    pipe = DiffusionPipeline.from_pretrained(args.base_model, dtype=DTYPES[args.dtype]).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     common: dict[str, Any] = {}
     if args.guidance_scale is not None:
         common["guidance_scale"] = args.guidance_scale
     if args.max_sequence_length is not None:
         common["max_sequence_length"] = args.max_sequence_length
+    if args.feature_extractor:
+        logger.info("Building the feature extractor %s.", args.feature_extractor)
     extractor = (
         build_feature_extractor(args.feature_extractor, args.feature_extractor_path, args.device)
         if args.feature_extractor
@@ -167,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     # 1. Reference: the teacher's many-step samples (its own scheduler).
+    logger.info("Reference: %d images from the teacher in %d steps.", args.num_images, args.teacher_steps)
     reference_images = generate(
         pipe,
         prompts,
@@ -180,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = ReferenceSet.build(reference_images, extractor, real_features)
     results = []
 
-    def run(sampler: Any, method: str, steps: int, shift: Any, call_kwargs: dict[str, Any]) -> None:
+    def measure(sampler: Any, method: str, steps: int, shift: Any, call_kwargs: dict[str, Any]) -> None:
         result = evaluate(
             sampler,
             prompts,
@@ -194,17 +223,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         row = {"method": method, "shift": shift, **result.to_dict()}
         results.append((row, result.images[: args.grid_images]))
-        print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
+        logger.info(json.dumps({k: v for k, v in row.items() if k != "settings"}))
 
     # 2. Teacher: many steps (reference) and N steps, own scheduler and each requested fixed shift.
     stock_scheduler = pipe.scheduler
-    run(pipe, "teacher", args.teacher_steps, "default", {})
+    measure(pipe, "teacher", args.teacher_steps, "default", {})
     for steps in args.steps:
-        run(pipe, "teacher Euler", steps, "default", {})
+        measure(pipe, "teacher Euler", steps, "default", {})
     for shift in args.teacher_shifts:
         pipe.scheduler = fixed_shift_scheduler(pipe, shift)
         for steps in args.steps:
-            run(pipe, f"teacher Euler shift {shift:g}", steps, shift, {})
+            measure(pipe, f"teacher Euler shift {shift:g}", steps, shift, {})
     pipe.scheduler = stock_scheduler
 
     # 3. Adapters, one at a time on the shared base weights.
@@ -217,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shift = overrides.get("shift", scfm.scfm_settings.shift)
         try:
             for steps in args.steps:
-                run(scfm, name, steps, shift, overrides)
+                measure(scfm, name, steps, shift, overrides)
         finally:
             scfm.delete_adapters(adapter_name)
 
@@ -235,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Reference: the teacher in {args.teacher_steps} steps from the same seeds. Paired RMSE is in [0, 1] pixel "
         "units; ΔFD = FD(sampler, real) − FD(reference, real); shift 'default' is the pipeline's own scheduler."
     ]
-    write_report(
+    written = write_report(
         args.output_dir,
         rows,
         title=f"scfm-eval: {args.base_model}",
@@ -246,9 +275,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if max(args.height, args.width) <= 128
         else 256 / max(args.height, args.width),
     )
-    print(markdown_table(rows))
-    return json.loads((Path(args.output_dir) / "results.json").read_text())
+    print(markdown_table(rows), flush=True)
+    logger.info("Wrote %s.", ", ".join(str(path) for path in written.values()))
+    return json.loads(written["json"].read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``scfm-eval`` command: 0 on success, 2 for a usage error, 1 when the evaluation fails.
+
+    Progress goes to stderr through logging, the table to stdout. An expected failure (a missing or
+    unreadable model, adapter or file, a missing optional dependency, CUDA out of memory) is one line on
+    stderr; anything else is a bug and keeps its traceback.
+    """
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s scfm-eval: %(message)s", "%H:%M:%S"))
+    package_logger = logging.getLogger("scfm_diffusers")
+    previous_level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        run(args)
+    except (OSError, ValueError, ImportError, torch.cuda.OutOfMemoryError) as error:
+        print(" ".join(f"scfm-eval: error: {type(error).__name__}: {error}".split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("scfm-eval: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

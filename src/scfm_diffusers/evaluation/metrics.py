@@ -11,14 +11,17 @@ The evaluation harness (real Flux/SD3 adapters and the built-in digits demo) rep
 
 Features come from a :class:`FeatureExtractor` looked up by name in a registry
 (:func:`get_feature_extractor`). ``"clip"`` and ``"inception"`` are defined here and import their
-optional dependencies only when built; other modules (e.g. the demo's ``"digits-classifier"``)
-add their own with :func:`register_feature_extractor`.
+optional dependencies only when built; other modules add their own with
+:func:`register_feature_extractor`. An entry may also be a ``"module:attribute"`` string (the demo's
+``"digits-classifier"``), imported only when that extractor is built, and any ``"module:attribute"`` is
+accepted as a name, so ``scfm-eval`` can use an extractor without importing its module at start-up.
 
 All statistics are computed in float64.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import statistics
 import time
@@ -41,6 +44,7 @@ __all__ = [
     "clip_score_from_features",
     "delta_fd",
     "extract_features",
+    "feature_extractor_factory",
     "frechet_distance",
     "get_feature_extractor",
     "paired_error",
@@ -241,7 +245,10 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: Tensor) -> Tensor: ...
 
 
-_FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {}
+#: name -> factory, or "module:attribute" of a factory defined in a module imported only when it is built.
+_FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor] | str] = {
+    "digits-classifier": "scfm_diffusers.evaluation.digits:DigitsClassifierFeatureExtractor",
+}
 
 
 def register_feature_extractor(
@@ -250,7 +257,8 @@ def register_feature_extractor(
     """Decorator that registers a feature-extractor factory (a class or a function) under ``name``.
 
     The factory is called as ``factory(**kwargs)`` by :func:`get_feature_extractor`; heavy imports and
-    weight loading belong inside it, so that registering costs nothing.
+    weight loading belong inside it, so that registering costs nothing. A lazy ``"module:attribute"`` entry
+    is a placeholder that any registration under its name replaces (its module registering itself when imported).
 
     Example:
         >>> @register_feature_extractor("my-features")
@@ -260,7 +268,8 @@ def register_feature_extractor(
     """
 
     def decorator(factory: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
-        if name in _FEATURE_EXTRACTORS and _FEATURE_EXTRACTORS[name] is not factory and not overwrite:
+        existing = _FEATURE_EXTRACTORS.get(name)
+        if existing is not None and not isinstance(existing, str) and existing is not factory and not overwrite:
             raise ValueError(f"A feature extractor named {name!r} is already registered; pass overwrite=True.")
         _FEATURE_EXTRACTORS[name] = factory
         return factory
@@ -269,23 +278,46 @@ def register_feature_extractor(
 
 
 def available_feature_extractors() -> list[str]:
-    """Sorted names of the registered feature extractors."""
+    """Sorted names of the registered feature extractors (lazy entries included, nothing is imported)."""
     return sorted(_FEATURE_EXTRACTORS)
 
 
+def feature_extractor_factory(name: str) -> Callable[..., FeatureExtractor]:
+    """The factory registered under ``name``, or the one ``name`` points to as ``"module:attribute"``.
+
+    A lazy entry's module is imported here, once.
+
+    Raises:
+        ValueError: If ``name`` is neither registered nor of the form ``"module:attribute"``; the message
+            lists the known names.
+        ImportError: If the module of a ``"module:attribute"`` cannot be imported or lacks the attribute.
+    """
+    factory = _FEATURE_EXTRACTORS.get(name, name if ":" in name else None)
+    if factory is None:
+        known = ", ".join(repr(n) for n in available_feature_extractors())
+        raise ValueError(
+            f"Unknown feature extractor {name!r}; known: {known}, or any 'module:attribute' of a factory."
+        )
+    if isinstance(factory, str):
+        module_name, _, attribute = factory.partition(":")
+        try:
+            resolved = getattr(importlib.import_module(module_name), attribute)
+        except AttributeError as error:
+            raise ImportError(f"Feature extractor {name!r}: module {module_name!r} has no {attribute!r}.") from error
+        if name in _FEATURE_EXTRACTORS:
+            _FEATURE_EXTRACTORS[name] = resolved
+        factory = resolved
+    return factory
+
+
 def get_feature_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
-    """Build the feature extractor registered under ``name`` with ``kwargs``.
+    """Build the feature extractor registered under ``name`` (or at ``"module:attribute"``) with ``kwargs``.
 
     Raises:
         ValueError: If ``name`` is unknown; the message lists the known names.
+        ImportError: If a lazy entry's module cannot be imported.
     """
-    if name not in _FEATURE_EXTRACTORS:
-        known = ", ".join(repr(n) for n in available_feature_extractors())
-        raise ValueError(
-            f"Unknown feature extractor {name!r}; known: {known}. "
-            "Extractors defined in other modules are registered when that module is imported."
-        )
-    return _FEATURE_EXTRACTORS[name](**kwargs)
+    return feature_extractor_factory(name)(**kwargs)
 
 
 @torch.no_grad()

@@ -2,12 +2,14 @@
 
 A report is a list of rows (dicts, e.g. :meth:`~.harness.EvaluationResult.to_dict` plus a ``method``
 key). :func:`write_report` writes ``results.md``, ``results.json``, ``grid.png`` (when grid rows are given)
-and ``quality_vs_steps.png`` (when matplotlib is installed) into one folder.
+and ``quality_vs_steps.png`` (when matplotlib is installed: ``pip install "scfm-diffusers[eval]"``) into one
+folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +27,8 @@ __all__ = [
     "plot_quality_vs_steps",
     "write_report",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: (row key, column header, format) of the Markdown table; columns whose values are all None are dropped.
 DEFAULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -115,7 +119,7 @@ def plot_quality_vs_steps(rows: Sequence[Mapping[str, Any]], path: str | Path) -
     many-step teacher) are drawn as horizontal dashed reference lines. Uses matplotlib's Agg backend.
 
     Returns:
-        ``path``, or None when matplotlib is not installed.
+        ``path``, or None when matplotlib is not installed (and logged).
     """
     try:
         import matplotlib
@@ -123,6 +127,7 @@ def plot_quality_vs_steps(rows: Sequence[Mapping[str, Any]], path: str | Path) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        logger.info('Skipped %s: it needs matplotlib (pip install "scfm-diffusers[eval]").', Path(path).name)
         return None
     fd_key = "fd_vs_real" if any(r.get("fd_vs_real") is not None for r in rows) else "fd_vs_teacher"
     panels = [

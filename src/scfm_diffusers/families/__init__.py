@@ -17,8 +17,11 @@ from __future__ import annotations
 import diffusers
 
 from .base import ConditioningConfig, Family, VelocityFn
+from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
+from .zimage import ZImageFamily
 
 __all__ = [
     "FAMILIES",
@@ -33,7 +36,16 @@ __all__ = [
 ]
 
 #: name -> family. The one registry: pipelines, training, adapters and tests all read it.
-FAMILIES: dict[str, Family] = {family.name: family for family in (FluxFamily(), SD3Family())}
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        FluxFamily(),
+        SD3Family(),
+        QwenImageFamily(),
+        ZImageFamily(),
+        ChromaFamily(),
+    )
+}
 
 
 def available_families() -> list[Family]:

@@ -94,6 +94,8 @@ class Family:
         latent_patch: Pixels of one latent token edge = VAE factor × transformer patch (resolution multiple).
         tiny_resolution: Image size that gives the tiny pipeline of :meth:`tiny_pipeline` ~256 latent tokens
             (its VAE does not downsample).
+        gradient_checkpointing_issue: Why ``--gradient_checkpointing`` must not be used with this family (a
+            diffusers bug that changes the model's output under checkpointing), or None.
     """
 
     name: ClassVar[str]
@@ -109,6 +111,7 @@ class Family:
     dynamic_shift_prob: ClassVar[float] = 0.0
     latent_patch: ClassVar[int] = 16
     tiny_resolution: ClassVar[int] = 32
+    gradient_checkpointing_issue: ClassVar[str | None] = None
 
     # ---------------------------------------------------------------------------------------------------
     # Classes
@@ -143,6 +146,13 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {self.pipeline_class_name}>"
+
+    @property
+    def grid_defaults(self) -> dict[str, float | int]:
+        """The objective's grid settings this family changes from the method's (``GridSamplerConfig`` fields):
+        the share of resolution-dependent shifts and, for a family whose scheduler differs from Flux's, its
+        dynamic-shift constants."""
+        return {"dynamic_shift_prob": self.dynamic_shift_prob}
 
     # ---------------------------------------------------------------------------------------------------
     # LoRA

@@ -71,7 +71,16 @@ def load_base_model(
 
 
 def student_lora_config(args: argparse.Namespace, family: Family, transformer: torch.nn.Module) -> LoraConfig:
-    """The student's LoRA: --lora_layers (comma-separated, as in diffusers' scripts) or the family's targets."""
+    """The student's LoRA: --lora_layers (comma-separated, as in diffusers' scripts) or the family's targets.
+
+    Raises:
+        ValueError: --lora_layers names modules the transformer lacks, or --gradient_checkpointing is asked of a
+            family whose diffusers model computes something else under checkpointing.
+    """
+    if args.gradient_checkpointing and family.gradient_checkpointing_issue:
+        raise ValueError(
+            f"--gradient_checkpointing cannot be used with {family.name}: {family.gradient_checkpointing_issue}"
+        )
     if args.lora_layers:
         targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
         modules = {name for name, _ in transformer.named_modules()}

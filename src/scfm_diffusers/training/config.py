@@ -364,7 +364,8 @@ def grid_config(args: argparse.Namespace, family):
         for f in dataclasses.fields(GridSamplerConfig)
         if getattr(args, f.name) is not None
     }
-    given.setdefault("dynamic_shift_prob", family.dynamic_shift_prob)
+    for name, value in family.grid_defaults.items():
+        given.setdefault(name, value)
     if args.self_grids == "targeted":
         given.setdefault("target_steps", [args.num_inference_steps])
         given.setdefault("target_shift", inference_shift(args, family))

@@ -40,6 +40,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .._files import read_prompts
 from .buckets import INTERPOLATION_MODES, assign_bucket, resize_and_crop
 
 __all__ = [
@@ -480,20 +481,3 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 # --------------------------------------------------------------------------------------------------------
 # 3. Prompt lists (data-free mode, validation)
 # --------------------------------------------------------------------------------------------------------
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Read one prompt per line; blank lines and lines starting with ``#`` are skipped.
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: The file holds no prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Prompt file {str(path)!r} does not exist.")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"Prompt file {str(path)!r} holds no prompts (one per line; '#' starts a comment).")
-    return prompts
