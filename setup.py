@@ -56,7 +56,8 @@ EXTRAS = {
     # Quantized base (QLoRA-style): bitsandbytes nf4 / int8 on CUDA, torchao int8 / fp8 weight-only (CPU too).
     "quantization": ["bitsandbytes>=0.50.0", "torchao>=0.18.0"],
     "xformers": ["xformers"],
-    "test": ["pytest>=8.0.0", "pytest-xdist", "ruff>=0.13.0"],
+    # prodigyopt and wandb: the training script's --optimizer prodigy and wandb image logging are tested too.
+    "test": ["pytest>=8.0.0", "pytest-xdist", "ruff>=0.13.0", "prodigyopt", "wandb"],
     # The documentation site (`make docs`): mkdocs.yml, the API reference from the docstrings (mkdocstrings).
     "docs": [
         "mkdocs>=1.6",

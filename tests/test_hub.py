@@ -254,9 +254,10 @@ def test_push_reports_unreachable_hub(saved_pipelines, tmp_path):
 TRAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "train_scfm_lora.py")
 
 
-def train_with_push(endpoint, saved_pipelines, image_dir, output_dir, hf_home, token):
+def train_with_push(endpoint, saved_pipelines, image_dir, output_dir, hf_home, token, base_model_id="org/tiny-flux"):
     """The training script with --push_to_hub against the fake Hub (a fresh interpreter: HF_ENDPOINT at import)."""
-    argv = [
+    argv = ["--base_model_id", base_model_id] if base_model_id else []
+    argv += [
         "--pretrained_model_name_or_path", saved_pipelines["flux"],
         "--train_data_dir", str(image_dir),
         "--output_dir", str(output_dir),
@@ -287,9 +288,41 @@ def test_training_creates_the_repo_first_and_pushes_at_the_end(fake_hub, saved_p
     assert bad not in result.stdout + result.stderr
     assert not (tmp_path / "bad" / "cache").exists(), "the repository must be checked before the data is cached"
 
+    # A local base folder without --base_model_id: the card would need a path as base_model; refused up front.
+    result = train_with_push(
+        endpoint, saved_pipelines, images, tmp_path / "nobase", tmp_path / "hf_home", "hf_test", base_model_id=None
+    )
+    assert result.returncode != 0 and "add --base_model_id org/name" in result.stderr
+    assert not (tmp_path / "nobase" / "cache").exists()
+
     result = train_with_push(endpoint, saved_pipelines, images, tmp_path / "good", tmp_path / "hf_home", "hf_test")
     assert result.returncode == 0, result.stderr[-3000:]
     assert FakeHub.created[-2:] == [("org/flux-scfm", 200), ("org/flux-scfm", 409)]  # created first, reused at the end
     files = committed_files(requests)
     assert {"pytorch_lora_weights.safetensors", "scfm_settings.json", "README.md"} <= set(files)
     assert not any(name.startswith(("checkpoint-", "cache/")) for name in files)
+    card = (tmp_path / "good" / "README.md").read_text()
+    assert "base_model: org/tiny-flux" in card and saved_pipelines["flux"] not in card
+
+
+def test_base_model_is_a_hub_id_never_a_path(tmp_path):
+    from scfm_diffusers.hub import base_model_hub_id, base_model_identity
+
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert base_model_hub_id("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    assert base_model_hub_id(snapshot) == "black-forest-labs/FLUX.1-dev"  # a Hugging Face cache snapshot
+    assert base_model_hub_id(snapshot / "transformer") == "black-forest-labs/FLUX.1-dev"
+    local = tmp_path / "my-flux"
+    local.mkdir()
+    assert base_model_hub_id(local) is None and base_model_hub_id("./my-flux") is None
+    assert base_model_hub_id(local, "org/my-flux") == "org/my-flux"
+    with pytest.raises(ValueError, match="--base_model_id must be a Hub repository id"):
+        base_model_hub_id(local, "/data/my-flux")
+    # The identity of a folder is its content: the same folder through a symlink or a relative path is the same base.
+    (local / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "link").symlink_to(local)
+    identity = base_model_identity(local)
+    assert identity == base_model_identity(tmp_path / "link") and str(tmp_path) not in identity
+    (local / "model_index.json").write_text('{"_class_name": "FluxPipeline", "x": 1}')
+    assert base_model_identity(local) != identity

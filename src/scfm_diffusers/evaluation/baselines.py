@@ -169,10 +169,10 @@ class ReflowConfig:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists: equal to what a JSON file gives back
 
 
-def _latent_shape(pipeline: Any, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """Unpacked VAE latent shape ``(B, C, H/f, W/f)`` of a ``height × width`` image."""
-    factor = getattr(pipeline, "vae_scale_factor", 8)
-    return (batch, pipeline.vae.config.latent_channels, height // factor, width // factor)
+def _latent_shape(pipeline: Any, family: Any, height: int, width: int) -> tuple[int, ...]:
+    """The family's cached-latent shape ``(1, ...)`` of a ``height × width`` image (one VAE encode of zeros)."""
+    pixels = torch.zeros(1, 3, height, width, device=pipeline.vae.device, dtype=pipeline.vae.dtype)
+    return tuple(family.encode_images(pipeline.vae, pixels).shape)
 
 
 @torch.no_grad()
@@ -203,12 +203,12 @@ def generate_reflow_pairs(
         else family.adapter_guidance_scale(ConditioningConfig())
     )
     device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+    latent_shape = _latent_shape(pipeline, family, config.height, config.width)
     noises, samples, indices = [], [], []
     for start in range(0, config.num_pairs, config.pair_batch_size):
         n = min(config.pair_batch_size, config.num_pairs - start)
         batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
-        shape = _latent_shape(pipeline, n, config.height, config.width)
-        noise = family.to_model_space(torch.randn(shape, generator=generator))
+        noise = family.to_model_space(torch.randn((n, *latent_shape[1:]), generator=generator))
         call = {
             "prompt": batch_prompts,
             "latents": noise.to(device, dtype),
@@ -223,7 +223,8 @@ def generate_reflow_pairs(
             output_type="latent",
         )
         noises.append(noise.float())
-        samples.append(torch.as_tensor(output.images).float().cpu())
+        sample = family.pipeline_latents_to_model_space(pipeline.vae, torch.as_tensor(output.images))
+        samples.append(sample.float().cpu())
         indices.append(torch.tensor([index_of[p] for p in batch_prompts]))
         if progress is not None:
             progress(f"reflow pairs {start + n}/{config.num_pairs}")
@@ -232,7 +233,7 @@ def generate_reflow_pairs(
         "samples": torch.cat(samples),
         "prompt_index": torch.cat(indices),
         "prompts": unique,
-        "latent_shape": _latent_shape(pipeline, 1, config.height, config.width),
+        "latent_shape": latent_shape,
     }
 
 

@@ -19,6 +19,7 @@ import diffusers
 from .base import ConditioningConfig, Family, VelocityFn
 from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .flux2klein import Flux2KleinFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .zimage import ZImageFamily
@@ -42,6 +43,7 @@ FAMILIES: dict[str, Family] = {
         FluxFamily(),
         SD3Family(),
         QwenImageFamily(),
+        Flux2KleinFamily(),
         ZImageFamily(),
         ChromaFamily(),
     )

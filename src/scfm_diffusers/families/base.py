@@ -210,6 +210,14 @@ class Family:
         """Cached latents ``(B, C, h, w)`` → the tensor the transformer denoises (x0 of the objective)."""
         return latents
 
+    def pipeline_latents_to_model_space(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's ``output_type="latent"`` result → model space (the layout of ``latents=``).
+
+        The identity for pipelines that return the latents in the layout they take; a pipeline that returns
+        de-normalised or unpacked VAE latents (Flux.2) maps them back.
+        """
+        return latents
+
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Image tokens of one sample, for the resolution-dependent shift (2×2 patches)."""
         return latents.shape[-2] * latents.shape[-1] // 4
