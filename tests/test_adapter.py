@@ -105,9 +105,9 @@ def test_stock_loader_reproduces_trained_outputs_exactly(family, saved_pipelines
     stock.load_lora_weights(folder)
     assert torch.equal(generate(stock, num_inference_steps=3), expected)
     assert not torch.allclose(base_output, expected, atol=1e-3)
-    # alpha = 8 != rank = 4 survived: the loaded layers scale by alpha / r = 2.
+    # alpha = 8 != rank = 4 survived, folded into lora_B: the stored adapter has alpha = r (scale 1 in any loader).
     layer = stock.transformer.transformer_blocks[0].attn.to_q
-    assert [layer.scaling[name] for name in layer.scaling] == [2.0]
+    assert [layer.scaling[name] for name in layer.scaling] == [1.0]
 
 
 def test_fuse_unfuse_and_stacking(saved_pipelines, tmp_path):

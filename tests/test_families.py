@@ -247,3 +247,21 @@ def test_the_training_script_distills_every_family(name, mode, train_script, sav
     _assert_adapter_changes_stock_output(name, pipeline_dir, out)
     if mode == "image_folder":  # calibrated on the validation prompt, for the adapter's step count
         assert list(json.loads((out / "scfm_settings.json").read_text())["lora_scales"]) == ["2"]
+
+
+def test_the_docs_table_of_families_is_the_registry():
+    """docs/families.md lists every registered family with its pipeline, guidance mode, defaults and kwarg."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    rows = {}
+    for line in text.splitlines():  # the first table (supported families); later tables repeat the names
+        if line.startswith("| `"):
+            rows.setdefault(line.split("|")[1].strip(" `"), line)
+    for family in available_families():
+        row = rows.get(family.name)
+        assert row is not None, f"docs/families.md has no row for {family.name}"
+        d = family.default_settings
+        assert f"`{family.pipeline_class_name}`" in row and f"`{family.lora_scale_kwarg}`" in row
+        assert f"{d['num_inference_steps']} / {d['shift']:g} / {d['guidance_scale']:g}" in row, row
+        assert ("embedded" in row) == (family.guidance == "embedded")

@@ -170,14 +170,21 @@ def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "pytorch_lora_weights.safetensors")
 
 
-def assert_adapter_is_student(output_dir: Path, checkpoint: Path) -> None:
-    """With --save_weights student, the adapter file holds exactly the student of the final checkpoint."""
+def assert_adapter_holds(output_dir: Path, checkpoint: Path, which: str = "student") -> None:
+    """The adapter file holds exactly ``which`` (student or an EMA) of the final checkpoint, with the LoRA scale
+    alpha / r (8 / 4 in these runs: a power of two, so exact) folded into lora_B."""
     state = load_file(checkpoint / "scfm_state.safetensors")
     weights = adapter_weights(output_dir)
-    student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
-    assert student and {f"transformer.{k}" for k in student} == set(weights)
-    for key, value in student.items():
-        torch.testing.assert_close(weights[f"transformer.{key}"].float(), value, rtol=0, atol=0)
+    saved = {k.removeprefix(f"{which}."): v for k, v in state.items() if k.startswith(f"{which}.")}
+    assert saved and {f"transformer.{k}" for k in saved} == set(weights)
+    for key, value in saved.items():
+        folded = value * 2 if ".lora_B." in key else value
+        torch.testing.assert_close(weights[f"transformer.{key}"].float(), folded, rtol=0, atol=0)
+
+
+def assert_adapter_is_student(output_dir: Path, checkpoint: Path) -> None:
+    """With --save_weights student, the adapter file holds exactly the student of the final checkpoint."""
+    assert_adapter_holds(output_dir, checkpoint, "student")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,12 +356,7 @@ def test_data_free_few_shot_run_saves_the_slow_ema(train_script, saved_pipelines
     teacher_data = out / "cache" / "teacher_data"
     images = sorted(teacher_data.glob("*.png"))
     assert len(images) == 10 and (teacher_data / "metadata.jsonl").is_file()
-    state = load_file(out / "checkpoint-2" / "scfm_state.safetensors")
-    weights = adapter_weights(out)
-    slow = {k.removeprefix("slow."): v for k, v in state.items() if k.startswith("slow.")}
-    assert {f"transformer.{k}" for k in slow} == set(weights)
-    for key, value in slow.items():
-        torch.testing.assert_close(weights[f"transformer.{key}"].float(), value, rtol=0, atol=0)
+    assert_adapter_holds(out, out / "checkpoint-2", "slow")
     # A second run reuses the teacher's images (cached) instead of drawing them again.
     mtimes = [p.stat().st_mtime_ns for p in images]
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")

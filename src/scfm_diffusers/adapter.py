@@ -161,6 +161,48 @@ class SCFMInferenceSettings:
         return FlowMatchSCFMScheduler.from_config(base_config, **overrides)
 
 
+def _fold_lora_alpha(transformer, adapter_name: str, lora_state_dict: dict) -> tuple[dict, dict]:
+    """Fold each layer's LoRA scale ``alpha / r`` into its ``lora_B``; return the tensors and a config with alpha = r.
+
+    ``ΔW = (alpha / r)·B·A = B'·A`` with ``B' = (alpha / r)·B``, so the stored adapter has the same effect in a
+    loader that reads alpha from the metadata (diffusers), in one that assumes alpha = r (ComfyUI without
+    ``.alpha`` tensors, diffusers without metadata) and in one that reads ``.alpha`` tensors. Stock
+    ``load_lora_weights`` tolerates no ``.alpha`` tensors in a file with metadata (docs/adapter_format.md).
+    The product is rounded once, in float64; it is exact when alpha / r is a power of two (alpha = r included).
+
+    Args:
+        transformer: The transformer carrying the peft adapter ``adapter_name`` (per-layer r and alpha).
+        adapter_name: The adapter whose LoRA config applies to ``lora_state_dict``.
+        lora_state_dict: peft-format LoRA tensors ``{"<module>.lora_A.weight": ..., ...}``.
+
+    Returns:
+        ``(tensors, config)``: the tensors with every ``lora_B`` (and ``lora_embedding_B``) scaled, and the
+        adapter's ``LoraConfig`` as a dict with ``lora_alpha = r``, ``alpha_pattern = rank_pattern``, no rsLoRA.
+
+    Raises:
+        ValueError: A ``lora_B`` tensor belongs to no LoRA layer of ``adapter_name``.
+    """
+    config = transformer.peft_config[adapter_name]
+    scales = {}  # module name -> alpha / r (alpha / sqrt(r) with rsLoRA), as peft's layers compute it
+    for name, module in transformer.named_modules():
+        if isinstance(getattr(module, "r", None), dict) and adapter_name in module.r:
+            rank, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
+            rslora = getattr(module, "use_rslora", {}).get(adapter_name, config.use_rslora)
+            scales[name] = alpha / (rank**0.5 if rslora else rank)
+    folded = {}
+    for key, value in lora_state_dict.items():
+        module = key.split(".lora_")[0]
+        if ".lora_B." in key or ".lora_embedding_B" in key:
+            if module not in scales:
+                raise ValueError(f"LoRA tensor {key!r} belongs to no LoRA layer of adapter {adapter_name!r}.")
+            if scales[module] != 1.0:
+                value = (value.double() * scales[module]).to(value.dtype)
+        folded[key] = value
+    metadata = config.to_dict()
+    metadata.update(lora_alpha=config.r, alpha_pattern=dict(config.rank_pattern), use_rslora=False)
+    return folded, metadata
+
+
 def save_adapter(
     directory: str | os.PathLike,
     transformer,
@@ -179,10 +221,12 @@ def save_adapter(
         transformer: The transformer carrying the LoRA (peft adapter ``adapter_name``); its family must match
             ``settings.family``.
         settings: Inference settings to store.
-        adapter_name: Which peft adapter to save; its ``LoraConfig`` (rank, alpha, targets) goes into the
-            metadata so that alpha ≠ rank loads with the right scale.
+        adapter_name: Which peft adapter to save. Each layer's ``alpha / r`` is folded into its ``lora_B`` and
+            the stored ``LoraConfig`` (rank, targets) says ``lora_alpha = r``, so that every loader (diffusers
+            with or without the metadata, ComfyUI, kohya-style tools) computes the same ΔW = B·A; see
+            docs/adapter_format.md, "Alpha".
         lora_state_dict: Save these LoRA tensors (peft format, e.g. an EMA copy) instead of the adapter's own;
-            the LoRA config of ``adapter_name`` still applies.
+            the LoRA config of ``adapter_name`` (its alpha / r per layer) still applies.
         scheduler_config: Stock scheduler config to build the SCFM scheduler on (keeps its other keys).
         validation_images: PIL images to store as ``images/validation_<i>.png``; they become the card's widget
             gallery.
@@ -207,13 +251,12 @@ def save_adapter(
     if adapter_name not in getattr(transformer, "peft_config", {}):
         known = sorted(getattr(transformer, "peft_config", {}))
         raise ValueError(f"The transformer has no LoRA adapter {adapter_name!r} (it has {known}).")
-    directory.mkdir(parents=True, exist_ok=True)
     if lora_state_dict is None:
         lora_state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    lora_state_dict, lora_config = _fold_lora_alpha(transformer, adapter_name, lora_state_dict)
+    directory.mkdir(parents=True, exist_ok=True)
     family.pipeline_class.save_lora_weights(
-        directory,
-        transformer_lora_layers=lora_state_dict,
-        transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
+        directory, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=lora_config
     )
     (directory / SETTINGS_NAME).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n")
     settings.make_scheduler(scheduler_config).save_pretrained(directory / SCHEDULER_SUBFOLDER)

@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .adapter import SETTINGS_NAME, WEIGHTS_NAME, SCFMInferenceSettings, load_adapter_settings
+from .adapter import SETTINGS_NAME, WEIGHTS_NAME, SCFMInferenceSettings, _fold_lora_alpha, load_adapter_settings
 from .families import FAMILIES, Family, family_of_class_name, family_of_pipeline
 from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 
@@ -174,10 +174,12 @@ class SCFMPipelineMixin:
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a LoRA left by an earlier save would be loaded again
         if unfused:
             (name,) = unfused
+            # alpha / r folded into lora_B, as in an adapter folder: every loader (ComfyUI too) scales it alike.
+            weights, config = _fold_lora_alpha(
+                self.transformer, name, get_peft_model_state_dict(self.transformer, adapter_name=name)
+            )
             self.save_lora_weights(
-                directory,
-                transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=name),
-                transformer_lora_adapter_metadata=self.transformer.peft_config[name].to_dict(),
+                directory, transformer_lora_layers=weights, transformer_lora_adapter_metadata=config
             )
         with _base_weights_in_state_dict(self.transformer):
             super().save_pretrained(directory, *args, **kwargs)
