@@ -265,3 +265,28 @@ def test_the_docs_table_of_families_is_the_registry():
         assert f"`{family.pipeline_class_name}`" in row and f"`{family.lora_scale_kwarg}`" in row
         assert f"{d['num_inference_steps']} / {d['shift']:g} / {d['guidance_scale']:g}" in row, row
         assert ("embedded" in row) == (family.guidance == "embedded")
+
+
+def test_scfm_eval_measures_an_adapter_of_every_family(name, saved_family_pipelines, tmp_path):
+    """scfm-eval on the family's base and an adapter: the teacher rows and the adapter row, from the same noise."""
+    from scfm_diffusers.evaluation.cli import parse_args, run
+
+    family = get_family(name)
+    pipe = _tiny(name)
+    _trained_lora(name, pipe.transformer)
+    settings = SCFMInferenceSettings.for_family(name, num_inference_steps=2)
+    save_adapter(tmp_path / "adapter", pipe.transformer, settings, scheduler_config=pipe.scheduler.config)
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    size = str(family.tiny_resolution)
+    argv = [
+        "--base_model", saved_family_pipelines(name), "--adapter", f"scfm={tmp_path / 'adapter'}",
+        "--prompts_file", str(tmp_path / "prompts.txt"), "--num_images", "2", "--steps", "2", "--teacher_steps", "3",
+        "--height", size, "--width", size, "--max_sequence_length", str(MAX_SEQUENCE_LENGTH),
+        "--latency_repeats", "1", "--grid_images", "0", "--device", "cpu", "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    payload = run(parse_args(argv))
+    rows = {row["method"]: row for row in payload["rows"]}
+    assert {"teacher", "teacher Euler", "scfm"} <= set(rows), sorted(rows)
+    assert rows["teacher"]["paired_rmse"] == 0.0  # the reference against itself
+    assert rows["scfm"]["num_inference_steps"] == 2 and rows["scfm"]["paired_rmse"] > 0
+    assert rows["scfm"]["shift"] == family.default_settings["shift"]  # sampled with the adapter's settings

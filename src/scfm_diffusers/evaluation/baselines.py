@@ -22,6 +22,7 @@ AdamW settings and gradient clip are SCFM's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from peft import LoraConfig
 
 from ..adapter import SCFMInferenceSettings, save_adapter
 from ..families import ConditioningConfig, family_of_pipeline
-from ..training.timesteps import GridSamplerConfig, sample_grid_steps
+from ..training.objective import scfm_loss
+from ..training.timesteps import GridSamplerConfig, TargetSource, sample_grid_steps
 
 __all__ = [
     "BASELINES",
@@ -317,14 +319,21 @@ def train_reflow_lora(
             rows = torch.randint(len(pairs["noise"]), (config.batch_size,), generator=generator)
             x0, noise = pairs["samples"][rows].to(device), pairs["noise"][rows].to(device)
             steps = sample_grid_steps(config.batch_size, config.grid, image_seq_len=image_seq_len, generator=generator)
-            sigma = steps.sigma.to(device)
-            s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-            x_sigma = (1.0 - s) * x0 + s * noise
+            # Reflow is flow matching on the teacher's (ε, x̂0) pairs: every row regresses onto ε − x̂0, through
+            # the library's own interpolation and loss (no target pass runs for flow-matching rows).
+            steps = dataclasses.replace(steps, source=torch.full_like(steps.source, TargetSource.FLOW_MATCHING))
             batch_text = {k: v[pairs["prompt_index"][rows].to(device)] for k, v in text.items()}
             options = family.sample_conditioning(transformer, config.batch_size, condition, generator)
             velocity = family.velocity_fn(transformer, batch_text, pairs["latent_shape"], uncond=uncond, **options)
-            prediction = velocity(x_sigma, sigma, torch.arange(config.batch_size, device=device))
-            loss = (prediction.float() - (noise - x0)).square().mean()
+            loss = scfm_loss(
+                student=velocity,
+                teacher=velocity,
+                fast_ema=velocity,
+                slow_ema=velocity,
+                x0=x0,
+                noise=noise,
+                steps=steps,
+            ).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
