@@ -54,7 +54,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m scfm_diffusers.evaluation.demo --output_dir demo_output
+	PYTHONPATH=examples HF_HUB_OFFLINE=1 $(BIN)/python -m digits_demo --output_dir demo_output
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache

@@ -50,9 +50,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "train": ["datasets>=3.0.0", "bitsandbytes>=0.50.0", "tensorboard", "scikit-learn", "matplotlib"],
     "deepspeed": ["deepspeed>=0.16"],
-    # scfm-eval's quality_vs_steps.png (matplotlib) and the digits-classifier feature extractor (scikit-learn's
-    # digits, to train it when it is missing). scfm-eval runs without them.
-    "eval": ["matplotlib", "scikit-learn"],
+    # scfm-eval's quality_vs_steps.png (matplotlib). scfm-eval runs without it.
+    "eval": ["matplotlib"],
     # Quantized base (QLoRA-style): bitsandbytes nf4 / int8 on CUDA, torchao int8 / fp8 weight-only (CPU too).
     "quantization": ["bitsandbytes>=0.50.0", "torchao>=0.18.0"],
     "xformers": ["xformers"],

@@ -61,8 +61,8 @@ from accelerate.utils import (
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from scfm_diffusers.adapter import push_adapter, save_adapter
-from scfm_diffusers.hub import base_model_hub_id
+from scfm_diffusers.adapter import save_adapter
+from scfm_diffusers.hub import base_model_hub_id, push_adapter
 from scfm_diffusers.training import components, validation
 from scfm_diffusers.training.checkpoints import (
     latest_checkpoint,

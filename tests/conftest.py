@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo's package: import digits_demo
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # without it a Hub id takes ~28 s to fail
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -12,7 +12,8 @@ from huggingface_hub.errors import HFValidationError
 from PIL import Image
 
 from scfm_diffusers import FlowMatchSCFMScheduler, SCFMInferenceSettings, load_adapter_settings, save_adapter
-from scfm_diffusers.adapter import SETTINGS_NAME, WEIGHTS_NAME, card_tags, create_adapter_repo, push_adapter
+from scfm_diffusers.adapter import SETTINGS_NAME, WEIGHTS_NAME, card_tags
+from scfm_diffusers.hub import create_adapter_repo, push_adapter
 
 STOCK = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
 

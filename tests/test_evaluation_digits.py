@@ -1,17 +1,20 @@
 """Contracts of the digits demo: data, a few-step teacher that saves/loads as a stock Flux pipeline, caching,
-and the registered classifier. Step counts are tiny: these tests check plumbing, not quality."""
+and the registered classifier; and that the library does not know the demo. Step counts are tiny: these tests
+check plumbing, not quality."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import FluxPipeline
-
-from scfm_diffusers.evaluation.digits import (
+from digits_demo.digits import (
     DIGIT_WORDS,
     DIGITS_CLASSIFIER_NAME,
     DigitsClassifierConfig,
@@ -26,7 +29,12 @@ from scfm_diffusers.evaluation.digits import (
     train_digits_classifier,
     train_digits_teacher,
 )
-from scfm_diffusers.evaluation.metrics import available_feature_extractors, get_feature_extractor
+
+from scfm_diffusers.evaluation.metrics import (
+    available_feature_extractors,
+    feature_extractor_factory,
+    get_feature_extractor,
+)
 
 TINY_TEACHER = DigitsTeacherConfig(
     num_layers=1, num_single_layers=1, num_attention_heads=2, vae_channels=4, vae_steps=2, warmup_steps=1
@@ -135,9 +143,77 @@ def test_classifier_is_registered_and_cached(tmp_path):
     # Grey (B, 1, H, W) input and other sizes are accepted.
     assert extractor(images[:, :1]).shape == (5, config.feature_dim)
     assert extractor(torch.nn.functional.interpolate(images, size=32)).shape == (5, config.feature_dim)
+    # scfm-eval's way in: the module:attribute of the class, which the library's registry does not name.
+    name = "digits_demo.digits:DigitsClassifierFeatureExtractor"
+    assert feature_extractor_factory(name) is DigitsClassifierFeatureExtractor
+    torch.testing.assert_close(get_feature_extractor(name, path=tmp_path, config=config)(images), features)
     stamp = (tmp_path / "digits_classifier.pt").stat().st_mtime_ns
     start = time.perf_counter()
     train_digits_classifier(tmp_path, config=config, progress=False)
     assert time.perf_counter() - start < 1.0 and (tmp_path / "digits_classifier.pt").stat().st_mtime_ns == stamp
     record = json.loads((tmp_path / "digits_classifier.json").read_text())
     assert 0.0 <= record["test_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The library does not know the demo: examples/digits_demo/ is a consumer of the package
+# ----------------------------------------------------------------------------------------------------
+SRC = Path(__file__).resolve().parents[1] / "src" / "scfm_diffusers"
+#: The consumers in examples/, by module name: the library never imports them.
+CONSUMERS = ("digits_demo", "train_scfm_lora")
+#: A string that is a path into examples/ ("examples", "examples/train_scfm_lora.py"), not prose about it.
+EXAMPLES_PATH = re.compile(r"(\.\./)*examples(/[\w./-]*)?")
+
+
+def _reaches_outside(source: str, depth: int) -> list[str]:
+    """What a module's code does to reach examples/: imports of its modules (also as "module:attribute" or
+    ``import_module`` strings), path strings into it, and ``__file__`` climbed above the package's root,
+    which is ``depth`` folders up from the module. Docstrings and messages may name examples/."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value.partition(":")[0]]
+            found += [f"path {node.value!r}"] if EXAMPLES_PATH.fullmatch(node.value) else []
+        elif isinstance(node, ast.Name) and node.id == "__file__":
+            climbs, here = 0, node
+            while isinstance(parents.get(here), ast.expr):
+                here, child = parents[here], here
+                if isinstance(here, ast.Attribute) and here.attr == "parent":
+                    climbs += 1
+                elif isinstance(here, ast.Subscript) and getattr(here.value, "attr", None) == "parents":
+                    climbs += here.slice.value + 1 if isinstance(here.slice, ast.Constant) else depth + 1
+                elif (
+                    isinstance(here, ast.Call) and getattr(here.func, "attr", None) == "dirname" and child in here.args
+                ):
+                    climbs += 1
+            found += [f"__file__ climbed {climbs} folders (line {node.lineno})"] if climbs > depth else []
+        found += [f"{name!r}: a module of examples/" for name in names if name.split(".")[0] in CONSUMERS]
+    return found
+
+
+def test_the_library_never_reaches_into_examples():
+    # The check itself catches how the demo used to find the training script, and an import of the demo.
+    old = 'from pathlib import Path\nimport digits_demo.digits\nPath(__file__).resolve().parents[3] / "examples"\n'
+    assert len(_reaches_outside(old, depth=2)) == 3
+    assert _reaches_outside('raise OSError("see examples/train_scfm_lora.py")\nPath(__file__).parent', depth=1) == []
+    modules = sorted(SRC.rglob("*.py"))
+    assert len(modules) > 20
+    found = {
+        str(path.relative_to(SRC)): problems
+        for path in modules
+        if (problems := _reaches_outside(path.read_text(encoding="utf-8"), depth=len(path.relative_to(SRC).parts)))
+    }
+    assert found == {}
+
+
+def test_the_package_has_no_demo_module():
+    assert importlib.util.find_spec("scfm_diffusers.evaluation.demo") is None
+    assert importlib.util.find_spec("scfm_diffusers.evaluation.digits") is None
+    assert [p for p in SRC.rglob("*.py") if p.stem in ("demo", "digits", "digits_demo")] == []

@@ -198,7 +198,7 @@ def test_report_files(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
-    from scfm_diffusers.evaluation.demo import QUICK, main
+    from digits_demo.demo import QUICK, main
 
     payload = main(["--output_dir", str(tmp_path), "--quick"])
     assert {p.name for p in tmp_path.iterdir()} >= {"results.md", "results.json", "grid.png", "quality_vs_steps.png"}
@@ -233,7 +233,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
         assert grid.size == (160 + 10 * (16 * 4 + 4), rows * (16 * 4 + 4))
     assert "| SCFM |" in capsys.readouterr().out
     # A second run reuses both SCFM adapters without starting the training script.
-    from scfm_diffusers.evaluation import demo
+    from digits_demo import demo
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached SCFM adapters should have been reused")

@@ -166,7 +166,7 @@ def test_push_uploads_the_whole_adapter_folder_and_nothing_else(fake_hub, saved_
 def test_repo_created_before_training_is_reused_by_the_push(fake_hub, saved_pipelines, tmp_path):
     endpoint, requests = fake_hub
     # As the training script does: create the repository first, train, save, push to the same name.
-    code = "from scfm_diffusers.adapter import create_adapter_repo; print(create_adapter_repo('adapter'))"
+    code = "from scfm_diffusers.hub import create_adapter_repo; print(create_adapter_repo('adapter'))"
     result = run_against(endpoint, code, tmp_path / "hf_home", token="hf_test")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "user/adapter"  # a bare name lands in the token owner's namespace
@@ -197,7 +197,7 @@ def test_create_adapter_repo_fails_fast_with_a_clear_error_without_the_token(fak
     secret = "hf_refused_secret_0123456789"
     code = f"""
 import json
-from scfm_diffusers.adapter import create_adapter_repo
+from scfm_diffusers.hub import create_adapter_repo
 out = []
 for token, repo in [({secret!r}, "org/adapter"), ("hf_read", "org/adapter"), (None, "org/adapter"),
                     ({FINE_GRAINED!r}, "org/new-adapter")]:

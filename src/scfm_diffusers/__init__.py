@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -28,10 +29,10 @@ _EXPORTS = {
     "SCFMPipeline": "pipeline_scfm",
     "SCFMFluxPipeline": "pipeline_scfm",
     "SCFMStableDiffusion3Pipeline": "pipeline_scfm",
-    "SCFMInferenceSettings": "adapter",
-    "create_adapter_repo": "adapter",
+    "SCFMInferenceSettings": "settings",
+    "create_adapter_repo": "hub",
     "load_adapter_settings": "adapter",
-    "push_adapter": "adapter",
+    "push_adapter": "hub",
     "save_adapter": "adapter",
     "export_comfyui_lora": "comfyui",
 }
@@ -51,30 +52,41 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .adapter import SCFMInferenceSettings, create_adapter_repo, load_adapter_settings, push_adapter, save_adapter
+    from .adapter import load_adapter_settings, save_adapter
     from .comfyui import export_comfyui_lora
+    from .hub import create_adapter_repo, push_adapter
     from .pipeline_scfm import SCFMFluxPipeline, SCFMPipeline, SCFMStableDiffusion3Pipeline
     from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
+    from .settings import SCFMInferenceSettings
 
 
-def _register_lazily(submodule: str) -> None:
-    """Put ``scfm_diffusers.<submodule>`` into ``sys.modules`` now and run it on first attribute access.
+class _ImportedOnUse(types.ModuleType):
+    """A stand-in for a submodule in ``sys.modules`` that imports the real one when a name of it is asked for.
 
     diffusers finds the library of a saved non-diffusers component (our scheduler, named in a saved pipeline's
     ``model_index.json``) in ``sys.modules`` only: ``import scfm_diffusers`` must be enough for
-    ``DiffusionPipeline.from_pretrained`` to load an SCFM pipeline, without making every import pay for diffusers.
+    ``DiffusionPipeline.from_pretrained`` to load an SCFM pipeline, without making every import (and the training
+    script's ``--help``) pay for importing diffusers. Dunder look-ups (``__file__``: torch's ``inspect.getmodule``
+    walks every module while torch itself is being imported) never import anything.
     """
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]  # the real import replaces the stand-in
+        return getattr(importlib.import_module(self.__name__), attribute)
+
+
+def _register_on_use(submodule: str) -> None:
     name = f"{__name__}.{submodule}"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    if name not in sys.modules:
+        stand_in = _ImportedOnUse(name)
+        stand_in.__file__ = importlib.util.find_spec(name).origin
+        sys.modules[name] = stand_in
 
 
-_register_lazily("scheduling_flow_match_scfm")
+_register_on_use("scheduling_flow_match_scfm")
 
 
 def __getattr__(name: str) -> Any:

@@ -10,43 +10,36 @@ Layout of a folder (also of a Hub repository)::
 
 Stock diffusers reads the weights directly: ``FluxPipeline.load_lora_weights(folder_or_repo)``.
 
-Publishing follows the diffusers training scripts: :func:`create_adapter_repo` before training (fails fast on
-a bad token or name), :func:`save_adapter` after it, then :func:`push_adapter`.
+Settings live in :mod:`scfm_diffusers.settings`, publishing in :mod:`scfm_diffusers.hub`
+(:func:`~scfm_diffusers.hub.create_adapter_repo` before training, :func:`save_adapter` after it, then
+:func:`~scfm_diffusers.hub.push_adapter`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from diffusers.utils.hub_utils import populate_model_card
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
-    HFValidationError,
     LocalEntryNotFoundError,
-    LocalTokenNotFoundError,
 )
-from huggingface_hub.utils import httpx, validate_repo_id
 from peft.utils import get_peft_model_state_dict
 
-from .families import FAMILIES, family_of_transformer, get_family
-from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
+from .families import family_of_transformer, get_family
+from .settings import SCFMInferenceSettings
 
 __all__ = [
     "SETTINGS_NAME",
     "WEIGHTS_NAME",
     "SCFMInferenceSettings",
     "card_tags",
-    "create_adapter_repo",
     "load_adapter_settings",
     "model_card",
-    "push_adapter",
     "save_adapter",
 ]
 
@@ -57,108 +50,6 @@ IMAGES_SUBFOLDER = "images"
 _ADAPTER_PLACEHOLDER = "path/to/this/adapter"
 #: Work folders the training script keeps below its output folder; never uploaded with the adapter.
 WORK_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "validation/**")
-
-
-@dataclass
-class SCFMInferenceSettings:
-    """How an SCFM adapter is meant to be sampled. Every field can be overridden per pipeline call.
-
-    Attributes:
-        family: Model family the adapter belongs to (``"flux"`` or ``"sd3"``).
-        num_inference_steps: Euler steps N the student was distilled for (3–8 typically).
-        shift: Fixed shift of the sampling grid (Flux 3.25, SD3 3.0 in the method's reference sampler).
-        use_dynamic_shifting: Use Flux's resolution-dependent shift instead of ``shift``.
-        guidance_scale: Flux: embedded guidance; SD3: classifier-free guidance scale.
-        lora_scale: Strength of the LoRA at inference (the authors advise 1.0–1.75, higher for fewer steps);
-            used for step counts that ``lora_scales`` does not list.
-        lora_scales: ``{step count: LoRA scale}`` calibrated after training
-            (:func:`~scfm_diffusers.calibration.calibrate_lora_scales`); see :meth:`lora_scale_for`.
-        base_model: Hub id or path of the base model the adapter was trained on.
-        training: Free-form record of the training run (shown in the model card).
-    """
-
-    family: str
-    num_inference_steps: int = 4
-    shift: float = 3.0
-    use_dynamic_shifting: bool = False
-    guidance_scale: float = 3.5
-    lora_scale: float = 1.0
-    lora_scales: dict[int, float] = field(default_factory=dict)
-    base_model: str | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        get_family(self.family)  # raises for unknown families
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
-            raise TypeError(f"num_inference_steps must be an int, got {self.num_inference_steps!r}.")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
-        for name in ("shift", "guidance_scale", "lora_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number, got {value!r}.")
-            setattr(self, name, float(value))
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}.")
-        if not isinstance(self.lora_scales, dict):
-            raise TypeError(f"lora_scales must be a dict {{step count: scale}}, got {self.lora_scales!r}.")
-        scales = {}
-        for steps, scale in self.lora_scales.items():  # JSON keys are strings
-            if isinstance(scale, bool) or not isinstance(scale, int | float) or not str(steps).isdigit():
-                raise TypeError(f"lora_scales maps step counts to numbers, got {steps!r}: {scale!r}.")
-            if int(steps) < 1 or scale < 0:
-                raise ValueError(f"lora_scales needs step counts >= 1 and scales >= 0, got {steps!r}: {scale!r}.")
-            scales[int(steps)] = float(scale)
-        self.lora_scales = dict(sorted(scales.items()))
-        if not isinstance(self.use_dynamic_shifting, bool):
-            raise TypeError(f"use_dynamic_shifting must be a bool, got {self.use_dynamic_shifting!r}.")
-        if self.base_model is not None and not isinstance(self.base_model, str):
-            raise TypeError(f"base_model must be a string or None, got {self.base_model!r}.")
-        if not isinstance(self.training, dict):
-            raise TypeError(f"training must be a dict, got {self.training!r}.")
-
-    def lora_scale_for(self, num_inference_steps: int) -> float:
-        """The LoRA scale for a step count: the calibrated one (``lora_scales``), else ``lora_scale``.
-
-        Example:
-            >>> settings = SCFMInferenceSettings("flux", lora_scale=1.0, lora_scales={3: 1.4, 8: 1.1})
-            >>> settings.lora_scale_for(3), settings.lora_scale_for(5)
-            (1.4, 1.0)
-        """
-        return self.lora_scales.get(int(num_inference_steps), self.lora_scale)
-
-    @classmethod
-    def for_family(cls, family: str, **overrides: Any) -> SCFMInferenceSettings:
-        """Settings with the method's defaults for ``family``, updated by ``overrides``."""
-        return cls.from_dict({"family": family, **get_family(family).default_settings, **overrides})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SCFMInferenceSettings:
-        """Build settings from a dict, rejecting unknown keys with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown SCFM settings keys {unknown}; known keys are {sorted(known)}.")
-        if "family" not in data:
-            raise ValueError(f"SCFM settings need a 'family' (one of {sorted(FAMILIES)}).")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (``lora_scales`` keys as strings, as JSON writes them)."""
-        data = dataclasses.asdict(self)
-        data["lora_scales"] = {str(steps): scale for steps, scale in self.lora_scales.items()}
-        return data
-
-    def replace(self, **overrides: Any) -> SCFMInferenceSettings:
-        """A copy with some fields changed (validated again)."""
-        return self.from_dict({**self.to_dict(), **overrides})
-
-    def make_scheduler(self, base_config: dict | None = None) -> FlowMatchSCFMScheduler:
-        """The scheduler these settings describe, optionally on top of a stock scheduler's config."""
-        overrides = {"shift": self.shift, "use_dynamic_shifting": self.use_dynamic_shifting}
-        if base_config is None:
-            return FlowMatchSCFMScheduler(**overrides)
-        return FlowMatchSCFMScheduler.from_config(base_config, **overrides)
 
 
 def _fold_lora_alpha(transformer, adapter_name: str, lora_state_dict: dict) -> tuple[dict, dict]:
@@ -445,147 +336,3 @@ def load_adapter_settings(
     if not isinstance(data, dict):
         raise ValueError(f"{settings_path} must hold a JSON object, got {type(data).__name__}.")
     return SCFMInferenceSettings.from_dict(data)
-
-
-def _safe_cause(error: Exception, token: str | None) -> Exception | None:
-    """``error`` to chain to a Hub failure, or None if its text holds the token (the failure's message then
-    carries the Hub's answer with the token masked, so nothing is lost but the secret)."""
-    seen, link = [], error
-    while link is not None and link not in seen:  # the error and everything chained to it
-        seen.append(link)
-        link = link.__cause__ or link.__context__
-    return None if token and any(token in f"{link!r} {link}" for link in seen) else error
-
-
-def _hub_failure(action: str, repo_id: str, error: Exception, token: str | None) -> Exception:
-    """A clear error for a failed Hub call: what failed, the Hub's answer, how to fix it. Never shows the token."""
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    answer = f"{type(error).__name__}: {error}"
-    if token:  # the Hub does not echo tokens, but a proxy or a future message might
-        answer = answer.replace(token, "<token>")
-    login = (
-        "Log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0), set HF_TOKEN, or pass a "
-        "token with write access (--hub_token in the training script); tokens: https://huggingface.co/settings/tokens."
-    )
-    if isinstance(error, LocalTokenNotFoundError):
-        return PermissionError(f"Cannot {action} {repo_id!r}: no Hugging Face token found. {login}")
-    if status == 401:
-        return PermissionError(
-            f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} refused the token (401 Unauthorized; "
-            f"{answer}). The token is invalid, expired or revoked. {login}"
-        )
-    if status == 403:
-        return PermissionError(
-            f"Cannot {action} {repo_id!r}: the token may not write to the namespace {repo_id.split('/')[0]!r} "
-            f"(403 Forbidden; {answer}). Use your user name or an organisation you can write to as the namespace, "
-            f"or a token with write access to it. {login}"
-        )
-    if status is not None:
-        return OSError(
-            f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} answered {status} ({answer}). "
-            "Check the repository name ('name' or 'namespace/name') and the Hub's status, then try again."
-        )
-    return OSError(
-        f"Cannot {action} {repo_id!r}: the Hub at {constants.ENDPOINT} could not be reached ({answer}). Check the "
-        "network, HF_ENDPOINT, and that HF_HUB_OFFLINE is not set."
-    )
-
-
-def create_adapter_repo(repo_id: str, *, token: str | None = None, private: bool = False) -> str:
-    """Create the Hub model repository of an adapter, or reuse it if it exists, and check the token can write.
-
-    Call it before training, as diffusers' training scripts call ``create_repo`` first: a missing, refused or
-    read-only token, or a bad name, then fails in seconds instead of after hours of training. The upload at the
-    end (:func:`push_adapter`) reuses the repository.
-
-    Args:
-        repo_id: ``"name"`` (in the token owner's namespace) or ``"namespace/name"``.
-        token: Hub token with write access; default the logged-in one (``hf auth login`` or ``HF_TOKEN``).
-            It is only sent to the Hub: never logged nor written anywhere.
-        private: Create the repository private (ignored if it already exists).
-
-    Returns:
-        The full repository id, ``"namespace/name"``.
-
-    Raises:
-        ValueError: ``repo_id`` is not a valid Hub repository id.
-        PermissionError: No token was found, or the Hub refused it, or it is read-only or may not write to the
-            namespace.
-        OSError: The Hub could not be reached or refused the creation for another reason.
-    """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is not a valid Hub repository id ({error}). Expected 'name' or 'namespace/name' of at most "
-            "96 letters, digits, '-', '_' and '.'; check --hub_model_id."
-        ) from error
-    api = HfApi()
-    action = "create the Hub repository"
-    try:
-        # create_repo alone is not enough: for an existing repository it answers a refused or missing token by
-        # reading the repository instead, and the upload would then fail after training. whoami checks the token.
-        access = (api.whoami(token=token).get("auth") or {}).get("accessToken") or {}
-    except (OSError, httpx.HTTPError) as error:  # HfHubHTTPError and LocalTokenNotFoundError are OSErrors
-        raise _hub_failure(action, repo_id, error, token) from _safe_cause(error, token)
-    if access.get("role") == "read":
-        raise PermissionError(
-            f"Cannot {action} {repo_id!r}: the token is read-only. Create a token with write access at "
-            "https://huggingface.co/settings/tokens and log in with it (`hf auth login`) or pass it (--hub_token)."
-        )
-    try:
-        repo = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-    except (OSError, httpx.HTTPError) as error:
-        raise _hub_failure(action, repo_id, error, token) from _safe_cause(error, token)
-    return repo.repo_id
-
-
-def push_adapter(
-    directory: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool = False,
-    commit_message: str = "Upload SCFM adapter",
-    ignore_patterns: tuple[str, ...] = WORK_PATTERNS,
-) -> str:
-    """Upload a whole adapter folder to the Hub model repository ``repo_id``, creating it if needed.
-
-    The repository may exist already (made by :func:`create_adapter_repo` before training, or an earlier push).
-    The card's usage snippets are pointed at the full repository id first. The training script's work folders
-    (checkpoints, caches, logs: :data:`WORK_PATTERNS`) stay local; everything else in the folder is uploaded.
-
-    Args:
-        directory: An adapter folder written by :func:`save_adapter`.
-        repo_id: ``"name"`` (in the token owner's namespace) or ``"namespace/name"``.
-        token: Hub token with write access; default the logged-in one.
-        private: Create the repository private if it does not exist yet.
-        commit_message: Message of the upload commit.
-        ignore_patterns: Glob patterns of files below ``directory`` not to upload.
-
-    Returns:
-        The URL of the commit.
-
-    Raises:
-        FileNotFoundError: ``directory`` is not a complete adapter folder.
-        ValueError, PermissionError, OSError: As :func:`create_adapter_repo`.
-    """
-    directory = Path(directory)
-    if not (directory / WEIGHTS_NAME).is_file() or not (directory / SETTINGS_NAME).is_file():
-        raise FileNotFoundError(
-            f"{str(directory)!r} is not a complete SCFM adapter folder (it needs {WEIGHTS_NAME} and {SETTINGS_NAME}; "
-            "write one with save_adapter); nothing pushed."
-        )
-    repo_id = create_adapter_repo(repo_id, token=token, private=private)
-    card_path = directory / "README.md"
-    if card_path.is_file():  # point the card's usage snippets at the repository it is pushed to
-        card_path.write_text(card_path.read_text().replace(_ADAPTER_PLACEHOLDER, repo_id))
-    commit = upload_folder(
-        repo_id=repo_id,
-        folder_path=directory,
-        token=token,
-        commit_message=commit_message,
-        repo_type="model",
-        ignore_patterns=list(ignore_patterns),
-    )
-    return str(commit)

@@ -15,8 +15,8 @@ prints the table on stdout; progress goes to stderr. Exit status: 0 on success, 
 the evaluation fails (one ``scfm-eval: error: ...`` line on stderr).
 
 ``--feature_extractor`` takes a registered name (see ``--help``) or the ``module:factory`` of any
-extractor, imported only when built (e.g. ``scfm_diffusers.evaluation.digits:DigitsClassifierFeatureExtractor``,
-what the registered ``digits-classifier`` points to).
+extractor, imported only when built (e.g. the digits demo's classifier,
+``digits_demo.digits:DigitsClassifierFeatureExtractor`` with ``PYTHONPATH=examples``).
 
 Example (one GPU)::
 
@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--feature_extractor_path",
         default=None,
-        help="Weights of the feature extractor (CLIP folder or Hub id; digits-classifier folder).",
+        help="Weights of the feature extractor (CLIP folder or Hub id; the digits demo's classifier folder).",
     )
     p.add_argument("--real_images_dir", default=None, help="Folder of real images: enables FD vs real and ΔFD.")
     p.add_argument("--clip_model_path", default=None, help="CLIP model for the CLIP score (folder or Hub id).")

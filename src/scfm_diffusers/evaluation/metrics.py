@@ -12,9 +12,10 @@ The evaluation harness (real Flux/SD3 adapters and the built-in digits demo) rep
 Features come from a :class:`FeatureExtractor` looked up by name in a registry
 (:func:`get_feature_extractor`). ``"clip"`` and ``"inception"`` are defined here and import their
 optional dependencies only when built; other modules add their own with
-:func:`register_feature_extractor`. An entry may also be a ``"module:attribute"`` string (the demo's
-``"digits-classifier"``), imported only when that extractor is built, and any ``"module:attribute"`` is
-accepted as a name, so ``scfm-eval`` can use an extractor without importing its module at start-up.
+:func:`register_feature_extractor`. An entry may also be a ``"module:attribute"`` string, imported only when
+that extractor is built, and any ``"module:attribute"`` is accepted as a name, so ``scfm-eval`` can use an
+extractor without importing its module at start-up (e.g. the digits demo's classifier,
+``digits_demo.digits:DigitsClassifierFeatureExtractor`` with ``examples/`` on the path).
 
 All statistics are computed in float64.
 """
@@ -246,9 +247,7 @@ class FeatureExtractor(Protocol):
 
 
 #: name -> factory, or "module:attribute" of a factory defined in a module imported only when it is built.
-_FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor] | str] = {
-    "digits-classifier": "scfm_diffusers.evaluation.digits:DigitsClassifierFeatureExtractor",
-}
+_FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor] | str] = {}
 
 
 def register_feature_extractor(

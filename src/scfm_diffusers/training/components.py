@@ -19,9 +19,8 @@ from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 
-from ..adapter import create_adapter_repo
 from ..families import Family, family_of_class_name
-from ..hub import base_model_hub_id, base_model_identity, check_hub_repo_id
+from ..hub import base_model_hub_id, base_model_identity, check_hub_repo_id, create_adapter_repo
 from .quantization import check_distributed_support, load_quantized_transformer
 
 __all__ = [

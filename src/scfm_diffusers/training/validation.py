@@ -21,10 +21,10 @@ import PIL.Image
 import torch
 
 from .._files import write_text_atomic
-from ..adapter import SCFMInferenceSettings
 from ..calibration import calibrate_lora_scales
 from ..families import Family
 from ..hub import base_model_hub_id
+from ..settings import SCFMInferenceSettings
 from .config import conditioning_config, inference_shift
 from .timesteps import GridSamplerConfig
 

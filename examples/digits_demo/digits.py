@@ -31,7 +31,7 @@ Distilling it with ``examples/train_scfm_lora.py --pretrained_model_name_or_path
 
 Reproduce the numbers of the demo (trains, or reuses, everything under ``DIR``)::
 
-    python -m scfm_diffusers.evaluation.digits DIR
+    PYTHONPATH=examples python -m digits_demo.digits DIR
 """
 
 from __future__ import annotations
@@ -50,7 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import classifier_accuracy, extract_features, frechet_distance, register_feature_extractor
+from scfm_diffusers.evaluation.metrics import (
+    classifier_accuracy,
+    extract_features,
+    frechet_distance,
+    register_feature_extractor,
+)
 
 __all__ = [
     "DIGITS_CLASSIFIER_NAME",
@@ -351,7 +356,7 @@ def train_digits_teacher(
     """
     from diffusers import FluxPipeline
 
-    from ..testing import TinyModelConfig, tiny_flux_pipeline
+    from scfm_diffusers.testing import TinyModelConfig, tiny_flux_pipeline
 
     config = config or DigitsTeacherConfig()
     output_dir = Path(output_dir)
@@ -703,7 +708,7 @@ def measure_teacher(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from ..sigmas import resolution_mu
+    from scfm_diffusers.sigmas import resolution_mu
 
     teacher_path = Path(teacher_path)
     record = _read_json(teacher_path / TEACHER_SETTINGS_FILE) or {}

@@ -1,23 +1,25 @@
 """The end-to-end demo: distill the digits teacher with SCFM, train a reflow baseline at equal compute, compare.
 
-Run ``python -m scfm_diffusers.evaluation.demo --output_dir demo_output`` (``make demo``); ``--quick`` runs a
+Run ``PYTHONPATH=examples python -m digits_demo --output_dir demo_output`` (``make demo``); ``--quick`` runs a
 tiny version of every stage (< 90 s) to check the plumbing. Stages, each cached when its settings match:
 
 1. **Teacher and classifier** — :func:`~.digits.train_digits_teacher` (a 16×16 Flux model, 64 image tokens)
    and :func:`~.digits.train_digits_classifier`, under ``--cache_dir``.
 2. **SCFM** — the digits train split is written as an image folder with ``metadata.jsonl`` and distilled by
-   the very script users run, ``accelerate launch --cpu --num_processes 1 examples/train_scfm_lora.py``, in
-   a subprocess, twice: with the script's default step-targeted self grids (``--target_steps 3 4 8``: one
-   adapter for the three evaluated step counts) and, as the report's extra row, with the method's generic
-   self grids (``--self_grids generic``). Both calibrate a LoRA scale per step count on the ten digit prompts.
-3. **Reflow baseline** — :func:`~.baselines.train_reflow_lora` at the same training compute as EACH SCFM
-   adapter (:func:`~.baselines.equal_compute_reflow_plan`), with the same LoRA, learning rate and σ
-   distribution, trained in the demo's process while the two SCFM subprocesses run.
-4. **Evaluation** — :func:`~.harness.evaluate` on 10 prompts × ``per_class`` seeds: the teacher in 32 steps
-   (reference), the teacher in N plain Euler steps at each shift of ``teacher_shifts`` (the table shows the
-   best one), reflow and SCFM in N steps, for N = 3, 4, 8. FD uses the digit classifier's features against
-   the held-out real digits; paired error is to the 32-step teacher from the same noise; accuracy is the
-   classifier's on the prompted digit.
+   the very script users run, by its entry point: ``accelerate launch --cpu --num_processes 1 -m
+   train_scfm_lora`` with this package's folder (``examples/``) on ``PYTHONPATH``, in a subprocess, twice:
+   with the script's default step-targeted self grids (``--target_steps 3 4 8``: one adapter for the three
+   evaluated step counts) and, as the report's extra row, with the method's generic self grids
+   (``--self_grids generic``). Both calibrate a LoRA scale per step count on the ten digit prompts.
+3. **Reflow baseline** — :func:`~scfm_diffusers.evaluation.baselines.train_reflow_lora` at the same training
+   compute as EACH SCFM adapter (:func:`~scfm_diffusers.evaluation.baselines.equal_compute_reflow_plan`),
+   with the same LoRA, learning rate and σ distribution, trained in the demo's process while the two SCFM
+   subprocesses run.
+4. **Evaluation** — :func:`~scfm_diffusers.evaluation.harness.evaluate` on 10 prompts × ``per_class``
+   seeds: the teacher in 32 steps (reference), the teacher in N plain Euler steps at each shift of
+   ``teacher_shifts`` (the table shows the best one), reflow and SCFM in N steps, for N = 3, 4, 8. FD uses
+   the digit classifier's features against the held-out real digits; paired error is to the 32-step teacher
+   from the same noise; accuracy is the classifier's on the prompted digit.
 5. **Report** — ``results.md``/``results.json``/``grid.png``/``quality_vs_steps.png`` in ``--output_dir``.
 
 **Shift.** The method's fixed-shift range U[2.5, 4.5] and inference shift 3.25 were tuned for 1024² Flux
@@ -47,10 +49,19 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..calibration import DEFAULT_LORA_SCALE_CANDIDATES
-from ..sigmas import resolution_mu
-from ..training.timesteps import GridSamplerConfig
-from .baselines import ReflowConfig, equal_compute_reflow_plan, scfm_training_compute, train_reflow_lora
+from scfm_diffusers.calibration import DEFAULT_LORA_SCALE_CANDIDATES
+from scfm_diffusers.evaluation.baselines import (
+    ReflowConfig,
+    equal_compute_reflow_plan,
+    scfm_training_compute,
+    train_reflow_lora,
+)
+from scfm_diffusers.evaluation.harness import ReferenceSet, evaluate, fixed_shift_scheduler, generate
+from scfm_diffusers.evaluation.metrics import extract_features
+from scfm_diffusers.evaluation.report import markdown_table, write_report
+from scfm_diffusers.sigmas import resolution_mu
+from scfm_diffusers.training.timesteps import GridSamplerConfig
+
 from .digits import (
     DIGITS_MAX_SEQUENCE_LENGTH,
     IMAGE_SIZE,
@@ -63,15 +74,16 @@ from .digits import (
     train_digits_classifier,
     train_digits_teacher,
 )
-from .harness import ReferenceSet, evaluate, fixed_shift_scheduler, generate
-from .metrics import extract_features
-from .report import markdown_table, write_report
 
 __all__ = ["DemoConfig", "QUICK", "main", "resolution_scaled_shifts", "run_demo", "write_image_folder"]
 
 #: The method's reference shifts for 1024² Flux latents (method doc).
 REFERENCE_SHIFT_RANGE, REFERENCE_INFERENCE_SHIFT, REFERENCE_SEQ_LEN = (2.5, 4.5), 3.25, 4096
 STAMP_FILE = "demo_settings.json"
+#: The training script runs by its entry point, as the module ``train_scfm_lora`` of the folder that holds this
+#: package (``examples/``), which the subprocesses get on ``PYTHONPATH``.
+TRAIN_MODULE = "train_scfm_lora"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent
 
 
 def resolution_scaled_shifts(image_seq_len: int) -> dict[str, float]:
@@ -200,16 +212,6 @@ def write_image_folder(images: torch.Tensor, labels: torch.Tensor, folder: str |
     return folder
 
 
-def _train_script() -> Path:
-    script = Path(__file__).resolve().parents[3] / "examples" / "train_scfm_lora.py"
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"The demo runs examples/train_scfm_lora.py from a source checkout, but {script} does not exist; "
-            "run the demo from a clone of the repository (pip install -e .)."
-        )
-    return script
-
-
 def scfm_training_args(
     teacher: str, data_dir: Path, output_dir: Path, config: DemoConfig, shifts: dict[str, float], **variant: Any
 ) -> dict[str, Any]:
@@ -252,7 +254,7 @@ def scfm_training_args(
 
 def _launch_command(args: dict[str, Any]) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(_train_script())]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", TRAIN_MODULE]
     for key, value in args.items():  # list values (e.g. target_steps) become several arguments
         command += [f"--{key}", *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
     return command + ["--center_crop"]
@@ -274,6 +276,7 @@ def train_scfm(
         The adapter folders (the keys of ``runs``), once every adapter exists.
     """
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     if parallel:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pending = {}
@@ -323,7 +326,7 @@ def run_demo(
     """
     from diffusers import FluxPipeline
 
-    from ..pipeline_scfm import SCFMPipeline
+    from scfm_diffusers.pipeline_scfm import SCFMPipeline
 
     config = config or DemoConfig()
     output_dir = Path(output_dir)
@@ -543,7 +546,9 @@ def run_demo(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line of the demo."""
-    parser = argparse.ArgumentParser(description="SCFM vs reflow vs Euler on the digits teacher.")
+    parser = argparse.ArgumentParser(
+        prog="python -m digits_demo", description="SCFM vs reflow vs Euler on the digits teacher."
+    )
     parser.add_argument("--output_dir", default="demo_output", help="Adapters, data and report.")
     parser.add_argument(
         "--cache_dir", default=None, help="Teacher/classifier cache (default: $SCFM_DIGITS_CACHE or ~/.cache/...)."
