@@ -51,13 +51,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedType,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    set_seed,
-)
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
@@ -110,6 +104,17 @@ def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
     step = load_checkpoint(accelerator, checkpoint)
     logger.info(f"Resumed from {checkpoint} at step {step}.")
     return step
+
+
+def validate_student(args, pipe, transformer, family, data, grid, accelerator, weight_dtype, step: int) -> None:
+    """Validation images of the student during training (the adapter's steps, shift, guidance and scale)."""
+    batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    settings = validation.inference_settings(args, family, grid, effective_batch_size=batch_size)
+    with encoders_on_device(args, pipe, accelerator, "vae"):
+        scfm_pipe = validation.scfm_pipeline(pipe, transformer, family, settings)
+        validation.validate(
+            args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype, step, accelerator.trackers
+        )
 
 
 def final_adapter(args, pipe, transformer, ema, family, data, grid, accelerator, weight_dtype, repo_id) -> None:
@@ -186,12 +191,7 @@ def main(args: argparse.Namespace) -> Path:
     # 3. Student LoRA + dual EMA as adapters on the one transformer (teacher = adapters disabled).
     lora_config = components.student_lora_config(args, family, transformer)
     transformer.add_adapter(lora_config, adapter_name=STUDENT)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        if not torch.cuda.is_available():
-            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
-        transformer.enable_xformers_memory_efficient_attention()
+    components.configure_transformer(args, transformer)  # gradient checkpointing, xformers
     ema = DualLoraEMA(transformer, STUDENT, fast_decay=args.fast_ema_decay, slow_decay=args.slow_ema_decay)
     cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA in fp32 under mixed precision
     student_params = list(lora_parameters(transformer, STUDENT).values())
@@ -215,12 +215,7 @@ def main(args: argparse.Namespace) -> Path:
         accelerator, transformer, ema, rng=rng, record=record, state=data_state, write_adapter=write_adapter
     )
     max_grad_norm = args.max_grad_norm or family.max_grad_norm
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips in its own step: give it ours
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds_config.get("gradient_clipping", "auto") == "auto":
-            ds_config["gradient_clipping"] = max_grad_norm
-        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # bucket batches / streams hide it
-            ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    components.configure_deepspeed(accelerator, max_grad_norm, args.train_batch_size)
     if args.quantize_base:  # DDP must not broadcast the quantized (frozen, identical) base weights
         ddp_ignore_quantized_weights(transformer)
     if data.prepared is not None:
@@ -279,11 +274,8 @@ def main(args: argparse.Namespace) -> Path:
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
         if args.validation_prompt and accelerator.is_main_process and global_step % args.validation_steps == 0:
             if global_step < args.max_train_steps:  # the last step's images come with the final adapter
-                settings = validation.inference_settings(args, family, grid, effective_batch_size=batch_size)
-                with encoders_on_device(args, pipe, accelerator, "vae"):
-                    scfm_pipe = validation.scfm_pipeline(pipe, accelerator.unwrap_model(model), family, settings)
-                    validation.validate(args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype,
-                                        global_step, accelerator.trackers)  # fmt: skip
+                validate_student(args, pipe, accelerator.unwrap_model(model), family, data, grid, accelerator,
+                                 weight_dtype, global_step)  # fmt: skip
 
     # 6. The adapter folder (weights + settings + scheduler + model card), optionally pushed to the Hub.
     accelerator.wait_for_everyone()

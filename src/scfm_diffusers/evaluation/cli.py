@@ -80,7 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--height", type=int, default=1024, help="Image height.")
     p.add_argument("--width", type=int, default=1024, help="Image width.")
-    p.add_argument("--guidance_scale", type=float, default=None, help="Guidance for every sampler (default: each's).")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Guidance for every sampler (default: the teacher at its family's SCFM guidance, each adapter at its own).",
+    )
     p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default: the pipeline's).")
     p.add_argument("--shift", type=float, default=None, help="Override the adapters' sampling shift.")
     p.add_argument("--lora_scale", type=float, default=None, help="Override the adapters' LoRA scale.")
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from diffusers import DiffusionPipeline
 
+    from ..families import family_of_pipeline
     from ..pipeline_scfm import SCFMPipeline
 
     start = time.perf_counter()
@@ -171,6 +177,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common["guidance_scale"] = args.guidance_scale
     if args.max_sequence_length is not None:
         common["max_sequence_length"] = args.max_sequence_length
+    # The teacher samples at --guidance_scale or, by default, at the guidance its family's adapters are trained
+    # and sampled with, in the pipeline's own terms (Qwen-Image: true CFG needs a negative prompt): the few-step
+    # rows are compared with the teacher they were distilled from.
+    family = family_of_pipeline(pipe)
+    teacher = dict(common)
+    guidance = args.guidance_scale if args.guidance_scale is not None else family.default_settings["guidance_scale"]
+    family.fill_guidance(teacher, float(guidance))
     if args.feature_extractor:
         logger.info("Building the feature extractor %s.", args.feature_extractor)
     extractor = (
@@ -204,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         height=args.height,
         width=args.width,
         batch_size=args.batch_size,
-        call_kwargs=common,
+        call_kwargs=teacher,
     )
     reference = ReferenceSet.build(reference_images, extractor, real_features)
     results = []
@@ -227,13 +240,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. Teacher: many steps (reference) and N steps, own scheduler and each requested fixed shift.
     stock_scheduler = pipe.scheduler
-    measure(pipe, "teacher", args.teacher_steps, "default", {})
+    measure(pipe, "teacher", args.teacher_steps, "default", teacher)
     for steps in args.steps:
-        measure(pipe, "teacher Euler", steps, "default", {})
+        measure(pipe, "teacher Euler", steps, "default", teacher)
     for shift in args.teacher_shifts:
         pipe.scheduler = fixed_shift_scheduler(pipe, shift)
         for steps in args.steps:
-            measure(pipe, f"teacher Euler shift {shift:g}", steps, shift, {})
+            measure(pipe, f"teacher Euler shift {shift:g}", steps, shift, teacher)
     pipe.scheduler = stock_scheduler
 
     # 3. Adapters, one at a time on the shared base weights.

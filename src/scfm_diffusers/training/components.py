@@ -25,6 +25,8 @@ from .quantization import check_distributed_support, load_quantized_transformer
 
 __all__ = [
     "check_launch",
+    "configure_deepspeed",
+    "configure_transformer",
     "create_hub_repo",
     "load_base_model",
     "make_lr_scheduler",
@@ -98,6 +100,28 @@ def student_lora_config(args: argparse.Namespace, family: Family, transformer: t
         init_lora_weights="gaussian",
         target_modules=targets,
     )
+
+
+def configure_transformer(args: argparse.Namespace, transformer: torch.nn.Module) -> None:
+    """--gradient_checkpointing and --enable_xformers_memory_efficient_attention (CUDA only: a clear error on CPU)."""
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
+        transformer.enable_xformers_memory_efficient_attention()
+
+
+def configure_deepspeed(accelerator: Accelerator, max_grad_norm: float, micro_batch_size: int) -> None:
+    """DeepSpeed clips in its own step and cannot see the batch size of bucketed or streamed loaders: give it
+    ours where its config says "auto"."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds_config.get("gradient_clipping", "auto") == "auto":
+        ds_config["gradient_clipping"] = max_grad_norm
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
