@@ -1,1 +1,2 @@
-"""Evaluation harness: metrics, the built-in demo teacher and reports."""
+"""Evaluation: metrics (paired error, Fréchet distance, CLIP score), the harness that samples every few-step
+sampler from the teacher's noise, reports, baselines (reflow) and the ``scfm-eval`` command."""

@@ -1,1 +1,2 @@
-"""SCFM training library: grid sampling, the objective, the dual LoRA EMA and model-family glue."""
+"""SCFM training library: configuration, the per-step losses, grid sampling, the objective, the dual LoRA EMA,
+data and its cache, checkpoints and the components the training script wires."""
