@@ -814,7 +814,6 @@ def test_every_flag_is_read(train_script, tmp_path):
 
 
 def test_self_grids_default_to_the_adapter_step_count_at_its_shift(train_script, tmp_path, capsys):
-
     base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)]
     flux, sd3 = get_family("flux"), get_family("sd3")
     grid = train_script.grid_config(train_script.parse_args([*base, "--num_inference_steps", "3"]), flux)
