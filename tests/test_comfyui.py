@@ -322,8 +322,8 @@ def test_saved_adapter_folds_alpha_so_every_loader_agrees(
         stock = fresh(family, saved_pipelines, settings)
         stock.load_lora_weights(source)
         output = generate(stock, num_inference_steps=3)
-        if exact:
-            assert torch.equal(output, expected)
+        if exact:  # diffusers 0.40 (the floor) rounds the loaded LoRA differently: 2e-7; 0.42 is bit-exact
+            torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
         else:
             torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     # ComfyUI: the adapter file as it is, in ComfyUI's key map, at strength 1.

@@ -159,7 +159,10 @@ def _t5_encoder(tokenizer: T5Tokenizer, config: TinyModelConfig) -> T5EncoderMod
     return T5EncoderModel(t5_config).eval()
 
 
-def _vae(config: TinyModelConfig, latent_channels: int) -> AutoencoderKL:
+def _vae(
+    config: TinyModelConfig, latent_channels: int, *, scaling_factor: float = 1.5035, shift_factor: float = 0.0609
+) -> AutoencoderKL:
+    """A one-block ``AutoencoderKL`` that does not downsample, with a family's latent normalisation."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -169,8 +172,8 @@ def _vae(config: TinyModelConfig, latent_channels: int) -> AutoencoderKL:
         norm_num_groups=1,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
     )
 
 

@@ -137,10 +137,10 @@ class ZImageFamily(Family):
         """A tiny real ``ZImagePipeline``: 1 refiner + ``num_layers`` joint blocks, a ``text_layers``-layer Qwen3
         (byte-level tokenizer with a chat template), a one-block FLUX-style VAE (Z-Image's scaling and shift)
         and Z-Image's scheduler (fixed shift 6.0). Sizes from diffusers' own Z-Image tests."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from ..testing import TinyModelConfig, byte_level_qwen2_tokenizer
+        from ..testing import TinyModelConfig, _vae, byte_level_qwen2_tokenizer
 
         config = config or TinyModelConfig()
         if sum(config.axes_dims_rope) != config.attention_head_dim:
@@ -178,18 +178,7 @@ class ZImageFamily(Family):
                 eos_token_id=tokenizer.eos_token_id,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(config.vae_channels,),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=0.3611,  # Z-Image's (FLUX.1's) VAE normalisation
-            shift_factor=0.1159,
-        )
+        vae = _vae(config, latent_channels, scaling_factor=0.3611, shift_factor=0.1159)  # Z-Image's (FLUX.1's)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0, use_dynamic_shifting=False)
         for module in (transformer, text_encoder, vae):  # loaded modules are in eval mode: match them
             module.eval()
