@@ -48,7 +48,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "train": ["datasets>=3.0.0", "bitsandbytes>=0.50.0", "tensorboard", "scikit-learn", "matplotlib"],
+    # xxhash: the cache's shard checksums (datasets depends on it too).
+    "train": ["datasets>=3.0.0", "bitsandbytes>=0.50.0", "tensorboard", "scikit-learn", "matplotlib", "xxhash"],
     "deepspeed": ["deepspeed>=0.16"],
     # scfm-eval's quality_vs_steps.png (matplotlib). scfm-eval runs without it.
     "eval": ["matplotlib"],

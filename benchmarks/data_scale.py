@@ -9,6 +9,9 @@ bf16) on an otherwise tiny Flux pipeline, so memory behaves as it would with the
     python benchmarks/data_scale.py rss --sizes 200 400 800 --checkout /tmp/old
     # Caching throughput: 1 process (all cores) against 2 processes (one core each) on the same data:
     python benchmarks/data_scale.py encode --num_images 400
+    # What verification costs: checksums of a FLUX.1-dev-shaped cache (page cache warm and cold), the reuse
+    # path of build_latent_cache, the hashes compared, and the teacher PNG check at 1024²:
+    python benchmarks/data_scale.py verify --num_images 400
 
 Each run is its own subprocess; its peak RSS comes from ``wait4`` (the kernel's high-water mark of that
 process). ``rss`` runs the script twice per size: the first run builds the cache (``peak_rss_mib``), the
@@ -184,6 +187,134 @@ def encode_worker(args: argparse.Namespace) -> None:
         print(json.dumps({"images": len(cache), "seconds": round(seconds, 2), "images_per_second": rate}))
 
 
+def _drop_page_cache(files: list[Path]) -> None:
+    """Evict ``files`` from the page cache (posix_fadvise DONTNEED; no root needed), so the next read is cold."""
+    os.sync()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _timed(function, repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` calls of ``function``."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def verify(args: argparse.Namespace) -> list[dict]:
+    import hashlib
+
+    import PIL.Image
+    import PIL.PngImagePlugin
+    import torch
+    import xxhash
+    from diffusers import FluxPipeline
+
+    from scfm_diffusers.families import get_family
+    from scfm_diffusers.training.cache import LatentCache, build_latent_cache, components_fingerprint, file_checksum
+    from scfm_diffusers.training.data import ImageCaptionPreprocessor, load_image_caption_dataset
+    from scfm_diffusers.training.teacher_data import PNG_SETTINGS_KEY, _settings_of_png
+
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        work = Path(work)
+        pipe = FluxPipeline.from_pretrained(make_pipeline(work / "pipeline"))
+        family = get_family("flux")
+        dataset = load_image_caption_dataset(train_data_dir=make_images(work / "data", args.num_images))
+        samples = ImageCaptionPreprocessor(RESOLUTION, center_crop=True)(dataset)
+        directory = work / "cache"
+
+        def build():
+            return build_latent_cache(
+                samples,
+                directory,
+                settings={"benchmark": True},
+                encode_images=lambda pixels, generators: family.encode_images(pipe.vae, pixels, generator=generators),
+                encode_prompts=lambda prompts: family.encode_prompts(pipe, prompts, T5_TOKENS),
+                batch_size=8,
+                shard_size=32,
+                show_progress=False,
+            )
+
+        build_seconds = _timed(build)
+        files = sorted(directory.glob("*.safetensors"))
+        gib = sum(f.stat().st_size for f in files) / 2**30
+
+        def row(what: str, seconds: float, note: str = "") -> None:
+            rows.append({"what": what, "seconds": round(seconds, 3), "GiB/s": round(gib / seconds, 2), "note": note})
+            print(json.dumps(rows[-1]), flush=True)
+
+        rows.append({"what": f"build ({args.num_images} images, {len(files)} files)", "seconds": round(build_seconds, 1),
+                     "GiB/s": "", "note": f"{gib:.3f} GiB of shards; checksums computed while writing"})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+        buffer = bytearray(8 * 2**20)
+
+        def digest_all(make) -> None:  # as file_checksum does it: 8 MiB chunks into one buffer
+            for file in files:
+                digest = make()
+                with open(file, "rb", buffering=0) as handle:
+                    while count := handle.readinto(buffer):
+                        digest.update(memoryview(buffer)[:count])
+
+        for name, make in (("sha256", hashlib.sha256), ("blake2b", hashlib.blake2b), ("xxh3_128", xxhash.xxh3_128)):
+            row(f"hash every shard: {name} (page cache warm)", _timed(lambda make=make: digest_all(make), 3))
+        row(
+            "file_checksum of every shard (warm)",
+            _timed(lambda: [file_checksum(f) for f in files], 3),
+            "= cost added to a build",
+        )
+        row("LatentCache(verify=False): sizes only", _timed(lambda: LatentCache(directory, verify=False), 3))
+        row("LatentCache(verify=True), warm", _timed(lambda: LatentCache(directory), 3))
+        cold = []
+        for _ in range(3):
+            _drop_page_cache(files)
+            cold.append(_timed(lambda: LatentCache(directory)))
+        row("LatentCache(verify=True), cold (fadvise DONTNEED)", min(cold), "disk-bound")
+        row("build_latent_cache on the finished cache (warm)", _timed(build, 3), "verify + open: every run's cost")
+
+        # components_fingerprint reads every file of the VAE and text encoders (FLUX.1-dev: 9.9 GB); here a
+        # folder holding --weights_gib of random weights bytes stands for them.
+        base = work / "base"
+        (base / "text_encoder_2").mkdir(parents=True)
+        (base / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "T5EncoderModel"]}))
+        weights = base / "text_encoder_2" / "model.safetensors"
+        with open(weights, "wb") as handle:
+            for _ in range(int(args.weights_gib * 4)):
+                handle.write(os.urandom(2**28))
+        weights_gib = weights.stat().st_size / 2**30
+        for label, cold_read in (("warm", False), ("cold (fadvise DONTNEED)", True)):
+            times = []
+            for _ in range(3):
+                if cold_read:
+                    _drop_page_cache([weights])
+                times.append(_timed(lambda: components_fingerprint(base)))
+            rows.append({"what": f"components_fingerprint of {weights_gib:.1f} GiB of weights, {label}",
+                         "seconds": round(min(times), 3), "GiB/s": round(weights_gib / min(times), 2), "note": ""})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+
+        # The teacher image check: PIL's verify (chunk CRCs, no decoding) against decoding, 1024² PNGs.
+        rng = np.random.default_rng(0)
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text(PNG_SETTINGS_KEY, json.dumps({"prompt": "x", "seed": 0}))
+        pngs = []
+        for index in range(args.num_pngs):
+            ramp = np.linspace(0, 255, 1024)[None, :, None] + rng.normal(0, 20, (1024, 1024, 3))
+            pngs.append(work / f"teacher_{index}.png")
+            PIL.Image.fromarray(ramp.clip(0, 255).astype(np.uint8)).save(pngs[-1], pnginfo=info)
+        check = _timed(lambda: [_settings_of_png(p) for p in pngs], 3) / len(pngs)
+        decode = _timed(lambda: [PIL.Image.open(p).load() for p in pngs], 3) / len(pngs)
+        rows.append({"what": "teacher PNG check, per 1024² image", "seconds": round(check, 4), "GiB/s": "",
+                     "note": f"decoding it instead: {decode:.4f} s"})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +327,12 @@ def main() -> None:
     for p in (p_rss, p_enc):
         p.add_argument("--work_dir", default=None, help="where temporary data goes (needs ~2.2 MiB per sample)")
         p.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
+    p_ver = sub.add_parser("verify", help="what checking the cache's checksums costs (and the teacher PNG check)")
+    p_ver.add_argument("--num_images", type=int, default=400)
+    p_ver.add_argument("--num_pngs", type=int, default=20)
+    p_ver.add_argument("--weights_gib", type=float, default=2.0, help="size of the weights hashed by content")
+    p_ver.add_argument("--work_dir", default=None)
+    p_ver.add_argument("--output", type=Path, default=None)
     p_worker = sub.add_parser("_encode_worker")
     p_worker.add_argument("--pipeline", required=True)
     p_worker.add_argument("--data", required=True)
@@ -205,7 +342,7 @@ def main() -> None:
     if args.command == "_encode_worker":
         encode_worker(args)
         return
-    rows = rss(args) if args.command == "rss" else encode(args)
+    rows = {"rss": rss, "encode": encode, "verify": verify}[args.command](args)
     keys = list(rows[0])
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:

@@ -59,12 +59,14 @@ from scfm_diffusers.adapter import save_adapter
 from scfm_diffusers.hub import base_model_hub_id, push_adapter
 from scfm_diffusers.training import components, validation
 from scfm_diffusers.training.checkpoints import (
+    checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
     register_checkpoint_hooks,
     save_checkpoint,
 )
 from scfm_diffusers.training.ema import DualLoraEMA, lora_parameters
+from scfm_diffusers.training.lock import lock_output_dir
 from scfm_diffusers.training.objective import loss_by_sigma_bins
 from scfm_diffusers.training.prepare import encoders_on_device, prepare_data, stop_at_end_of_stream
 from scfm_diffusers.training.quantization import ddp_ignore_quantized_weights
@@ -93,13 +95,8 @@ def steps_from_epochs(args: argparse.Namespace, loader, num_processes: int) -> N
 
 def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """The step to start from: 0, or that of the checkpoint --resume_from_checkpoint names (restored in full)."""
-    if not args.resume_from_checkpoint:
-        return 0
-    output_dir = Path(args.output_dir)
-    latest = args.resume_from_checkpoint == "latest"
-    checkpoint = latest_checkpoint(output_dir) if latest else Path(args.resume_from_checkpoint)
+    checkpoint = checkpoint_to_resume(Path(args.output_dir), args.resume_from_checkpoint)
     if checkpoint is None:
-        logger.warning(f"No checkpoint in {output_dir}: starting a new run.")
         return 0
     step = load_checkpoint(accelerator, checkpoint)
     logger.info(f"Resumed from {checkpoint} at step {step}.")
@@ -172,6 +169,7 @@ def main(args: argparse.Namespace) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))],
     )
+    lock_output_dir(output_dir, accelerator)  # one run per output folder; a second one refuses, naming the pid
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():

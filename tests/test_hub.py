@@ -301,6 +301,7 @@ def test_training_creates_the_repo_first_and_pushes_at_the_end(fake_hub, saved_p
     files = committed_files(requests)
     assert {"pytorch_lora_weights.safetensors", "scfm_settings.json", "README.md"} <= set(files)
     assert not any(name.startswith(("checkpoint-", "cache/")) for name in files)
+    assert ".scfm.lock" not in files and (tmp_path / "good" / ".scfm.lock").is_file()  # the run's lock stays local
     card = (tmp_path / "good" / "README.md").read_text()
     assert "base_model: org/tiny-flux" in card and saved_pipelines["flux"] not in card
 

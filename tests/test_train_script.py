@@ -636,18 +636,6 @@ def test_guidance_scale_fixes_the_training_guidance_as_in_diffusers(train_script
     )
 
 
-def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
-    from scfm_diffusers.training.checkpoints import latest_checkpoint, prune_checkpoints
-
-    """Checkpoints are written as checkpoint-N.partial and renamed when complete: a kill mid-save leaves a
-    folder that neither --resume_from_checkpoint latest nor --checkpoints_total_limit counts."""
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"):
-        (tmp_path / name).mkdir()
-    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
-    prune_checkpoints(tmp_path, limit=2)  # room for the one about to be written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-12.partial", "checkpoint-notes"]
-
-
 @pytest.mark.parametrize("class_name", ["DDPMPipeline", "StableDiffusionPipeline"])
 def test_unsupported_model_family(train_script, image_folder, tmp_path, class_name):
     model = tmp_path / "model"

@@ -6,6 +6,7 @@ Real encoders of the tiny Flux pipeline, real PNG files read through `datasets`.
 import json
 import logging
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ from PIL import Image
 from scfm_diffusers.families import get_family
 from scfm_diffusers.testing import tiny_flux_pipeline
 from scfm_diffusers.training.buckets import make_buckets
-from scfm_diffusers.training.cache import INDEX_FILE, LatentCache, build_latent_cache
+from scfm_diffusers.training.cache import (
+    INDEX_FILE,
+    CorruptCacheError,
+    LatentCache,
+    build_latent_cache,
+    components_fingerprint,
+)
 from scfm_diffusers.training.data import ImageCaptionPreprocessor, load_image_caption_dataset, row_generator
 
 
@@ -233,3 +240,146 @@ def test_masks_and_ids_keep_their_dtype_and_count_in_the_shard_bound(pipe, tmp_p
         samples, tmp_path / "bounded", MaskedEncoders(pipe), shard_size=100, text_shard_bytes=2 * per_caption
     )
     assert bounded.index["text_shard_size"] == 2
+
+
+# --- verification: every file is checked before it is trusted; what is broken is rebuilt ----------------
+
+
+def break_file(path, how, at=0.5):
+    """Truncate ``path`` by 10 bytes, or flip one bit of the byte at fraction ``at`` of it (same length)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[:-10]))
+    else:
+        data[int(len(data) * at)] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_broken_image_shard_is_refused_when_opened_and_re_encoded_by_the_next_build(pipe, tmp_path, caplog, how):
+    samples = square_samples(tmp_path, ["a", "b", "c", "d", "e"])  # 3 image shards of ≤ 2 rows
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    shard = tmp_path / "cache" / "images-00001.safetensors"
+    break_file(shard, how)
+
+    # Opened directly: one error naming the file, what is wrong and the fix, before any item is read.
+    reason = "it holds .* bytes, .* were written" if how == "truncate" else "its bytes changed since it was written"
+    with pytest.raises(CorruptCacheError, match=rf"{shard}.* is broken: {reason}.*Run the training script"):
+        LatentCache(tmp_path / "cache")
+    if how == "truncate":  # sizes are checked even without the checksum pass
+        with pytest.raises(CorruptCacheError, match="truncated or overwritten"):
+            LatentCache(tmp_path / "cache", verify=False)
+
+    # The next build re-encodes that shard alone (one batch of 2 rows; no caption), and equals a fresh cache.
+    encoders = Encoders(pipe)
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.cache"):
+        healed = build(samples, tmp_path / "cache", encoders)
+    assert "failed verification" in caplog.text and "images-00001.safetensors" in caplog.text
+    assert encoders.image_calls == 1 and encoders.captions == []
+    assert_same_cache(healed, build(samples, tmp_path / "fresh", Encoders(pipe)))
+    assert_same_cache(healed, LatentCache(tmp_path / "cache"))  # verifies clean now
+
+
+def test_a_bit_flipped_text_shard_is_re_encoded(pipe, tmp_path):
+    samples = square_samples(tmp_path, ["a", "b", "c"])
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    break_file(tmp_path / "cache" / "text-00000.safetensors", "flip")
+    encoders = Encoders(pipe)
+    healed = build(samples, tmp_path / "cache", encoders)
+    assert encoders.image_calls == 0 and sorted(set(encoders.captions)) == ["a", "b"]  # text-00000 holds a, b
+    assert_same_cache(healed, build(samples, tmp_path / "fresh", Encoders(pipe)))
+
+
+def test_a_truncated_shard_header_is_named_when_the_shard_is_opened(pipe, tmp_path):
+    """The safetensors header is checked against the file's size whenever a shard is opened for reading."""
+    from scfm_diffusers.training.cache import _RowReader
+
+    samples = square_samples(tmp_path, ["a", "b"])
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    shard = tmp_path / "cache" / "images-00000.safetensors"
+    break_file(shard, "truncate")
+    with pytest.raises(CorruptCacheError, match=rf"{shard} is broken: it is truncated: the header lists \d+ bytes"):
+        _RowReader(shard)
+    shard.write_bytes(b"\x05")
+    with pytest.raises(CorruptCacheError, match="holds 1 bytes, fewer than a safetensors header"):
+        _RowReader(shard)
+
+
+def test_edited_sidecars_rows_and_index_are_seen_and_healed(pipe, tmp_path, caplog):
+    samples = square_samples(tmp_path, ["a", "b", "c", "d"])
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    fresh = build(samples, tmp_path / "fresh", Encoders(pipe))
+    folder = tmp_path / "cache"
+
+    # A sidecar whose row → caption table was edited (valid JSON, same length): its shard is re-encoded.
+    sidecar = folder / "images-00001.json"
+    sidecar.write_text(sidecar.read_text().replace('"caption_ids": [2, 3]', '"caption_ids": [3, 2]'))
+    encoders = Encoders(pipe)
+    assert_same_cache(build(samples, folder, encoders), fresh)
+    assert encoders.image_calls == 1
+
+    # A flipped byte in the row table, or an edited index: refused when opened; the next build rewrites the
+    # index from the intact shards without encoding anything.
+    break_file(folder / "rows.safetensors", "flip", at=0.99)  # in the table, not its header
+    with pytest.raises(CorruptCacheError, match="rows.safetensors is broken: its bytes changed"):
+        LatentCache(folder)
+    encoders = Encoders(pipe)
+    assert_same_cache(build(samples, folder, encoders), fresh)
+    index = folder / INDEX_FILE
+    index.write_text(index.read_text().replace('"num_rows": 4', '"num_rows": 5'))
+    with pytest.raises(CorruptCacheError, match=rf"{index} is unreadable, altered.*Run the training script"):
+        LatentCache(folder)
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.cache"):
+        assert_same_cache(build(samples, folder, encoders), fresh)
+    assert "unreadable or altered" in caplog.text
+    assert encoders.image_calls == 0 and encoders.captions == []
+
+
+def test_a_partial_cache_with_a_foreign_sidecar_heals(pipe, tmp_path):
+    """A shard of another cache (other settings) in a partial cache is re-encoded, not trusted or fatal."""
+    samples = square_samples(tmp_path, ["a", "b", "c", "d"])
+    build(samples, tmp_path / "other", Encoders(pipe), settings={"model": "other", "resolution": 32})
+    build(samples, tmp_path / "cache", Encoders(pipe))
+    (tmp_path / "cache" / INDEX_FILE).unlink()  # unfinished
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tmp_path / "other" / f"images-00001{suffix}", tmp_path / "cache" / f"images-00001{suffix}")
+    encoders = Encoders(pipe)
+    healed = build(samples, tmp_path / "cache", encoders)
+    assert encoders.image_calls == 1  # the foreign shard alone
+    assert_same_cache(healed, build(samples, tmp_path / "fresh", Encoders(pipe)))
+
+
+def test_encoder_weights_replaced_at_the_same_path_change_the_fingerprint(pipe, tmp_path, caplog):
+    """Same config, same shapes, new VAE weights at the same path: the encoders' fingerprint changes and the cache
+    is re-encoded; a copied folder (new modification times) or new transformer weights change nothing."""
+    folder = tmp_path / "base"
+    pipe.save_pretrained(folder)
+    before = components_fingerprint(folder)
+    shutil.copytree(folder, tmp_path / "copy")  # new mtimes, same bytes
+    assert components_fingerprint(tmp_path / "copy") == before
+    assert components_fingerprint("black-forest-labs/FLUX.1-dev") is None  # a Hub id: id + revision name it
+
+    transformer = type(pipe.transformer).from_pretrained(folder / "transformer")  # the cache does not depend on it
+    with torch.no_grad():
+        next(transformer.parameters()).add_(1.0)
+    transformer.save_pretrained(folder / "transformer")
+    assert components_fingerprint(folder) == before
+
+    vae_config = (folder / "vae" / "config.json").read_text()
+    vae = type(pipe.vae).from_pretrained(folder / "vae")
+    with torch.no_grad():
+        next(vae.parameters()).mul_(0.5)
+    vae.save_pretrained(folder / "vae")  # same shapes and safetensors header, other bytes
+    assert (
+        json.loads((folder / "vae" / "config.json").read_text()).items()
+        >= {k: v for k, v in json.loads(vae_config).items() if k != "_name_or_path"}.items()
+    )
+    after = components_fingerprint(folder)
+    assert after != before
+
+    samples = square_samples(tmp_path, ["a", "b"])
+    build(samples, tmp_path / "cache", Encoders(pipe), settings={"model": "base", "encoders": before})
+    encoders = Encoders(pipe)
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.cache"):
+        build(samples, tmp_path / "cache", encoders, settings={"model": "base", "encoders": after})
+    assert "other settings (encoders:" in caplog.text and encoders.image_calls == 1

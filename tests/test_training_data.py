@@ -261,3 +261,28 @@ def test_teacher_images_are_written_loaded_and_cached(pipe, tmp_path):
     after = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
     assert after == {name: before[name] for name in after} and len(after) == 4
     assert len(load(out, tmp_path)) == 4
+
+
+def test_broken_teacher_images_are_regenerated_even_when_the_manifest_lists_them(pipe, tmp_path, caplog):
+    out = tmp_path / "teacher"
+    settings = {"height": 32, "width": 32, "num_inference_steps": 2, "batch_size": 4, "show_progress": False}
+    settings["pipeline_kwargs"] = {"max_sequence_length": 16}
+    prompts = ["a red cube", "a blue sphere"]
+    generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **settings)
+    assert (out / MANIFEST_FILE).is_file()  # a finished run: its manifest lists every image
+    originals = {f.name: np.asarray(Image.open(f)) for f in out.glob("*.png")}
+    data = (out / "000002.png").read_bytes()
+    (out / "000001.png").write_bytes(b"")  # zero bytes
+    (out / "000002.png").write_bytes(data[: len(data) // 2])  # truncated
+    flipped = bytearray((out / "000003.png").read_bytes())
+    flipped[len(flipped) * 3 // 4] ^= 0x01  # same length, one bit flipped (a chunk's CRC fails)
+    (out / "000003.png").write_bytes(bytes(flipped))
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.glob("*.png")}
+
+    with caplog.at_level(logging.WARNING, logger="scfm_diffusers.training.teacher_data"):
+        generate_teacher_images(pipe, prompts, out, images_per_prompt=2, **settings)
+    assert "3 teacher image(s)" in caplog.text and "000001.png, 000002.png, 000003.png" in caplog.text
+    redone = {f.name for f in out.glob("*.png") if f.stat().st_mtime_ns != mtimes[f.name]}
+    assert redone == {"000001.png", "000002.png", "000003.png"}
+    for name, pixels in originals.items():  # regenerated from the same seeds: the same images
+        assert np.array_equal(np.asarray(Image.open(out / name)), pixels), name

@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 )
 from peft.utils import get_peft_model_state_dict
 
+from ._files import reporting_disk_full
 from .families import family_of_transformer, get_family
 from .settings import SCFMInferenceSettings
 
@@ -37,7 +38,9 @@ __all__ = [
     "SETTINGS_NAME",
     "WEIGHTS_NAME",
     "SCFMInferenceSettings",
+    "adapter_weights_file",
     "card_tags",
+    "check_weights_file",
     "load_adapter_settings",
     "model_card",
     "save_adapter",
@@ -49,7 +52,8 @@ SCHEDULER_SUBFOLDER = "scheduler"
 IMAGES_SUBFOLDER = "images"
 _ADAPTER_PLACEHOLDER = "path/to/this/adapter"
 #: Work folders the training script keeps below its output folder; never uploaded with the adapter.
-WORK_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "validation/**")
+#: (``.scfm.lock``: the training run's output-folder lock, :mod:`scfm_diffusers.training.lock`.)
+WORK_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "cache/**", "logs/**", "validation/**", ".scfm.lock")
 
 
 def _fold_lora_alpha(transformer, adapter_name: str, lora_state_dict: dict) -> tuple[dict, dict]:
@@ -129,6 +133,7 @@ def save_adapter(
     Raises:
         ValueError: The transformer's family differs from ``settings.family``, it has no adapter
             ``adapter_name``, or the numbers of validation images and prompts differ.
+        DiskFullError: The disk filled up; the message names the file being written.
     """
     directory = Path(directory)
     if validation_images and validation_prompts is not None and len(validation_prompts) != len(validation_images):
@@ -145,24 +150,30 @@ def save_adapter(
     if lora_state_dict is None:
         lora_state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     lora_state_dict, lora_config = _fold_lora_alpha(transformer, adapter_name, lora_state_dict)
-    directory.mkdir(parents=True, exist_ok=True)
-    family.pipeline_class.save_lora_weights(
-        directory, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=lora_config
-    )
-    (directory / SETTINGS_NAME).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n")
-    settings.make_scheduler(scheduler_config).save_pretrained(directory / SCHEDULER_SUBFOLDER)
+    with reporting_disk_full(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    with reporting_disk_full(directory / WEIGHTS_NAME):
+        family.pipeline_class.save_lora_weights(
+            directory, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=lora_config
+        )
+    with reporting_disk_full(directory / SETTINGS_NAME):
+        (directory / SETTINGS_NAME).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n")
+    with reporting_disk_full(directory / SCHEDULER_SUBFOLDER):
+        settings.make_scheduler(scheduler_config).save_pretrained(directory / SCHEDULER_SUBFOLDER)
 
     image_paths = []
     for index, image in enumerate(validation_images or []):
-        (directory / IMAGES_SUBFOLDER).mkdir(exist_ok=True)
         path = f"{IMAGES_SUBFOLDER}/validation_{index}.png"
-        image.save(directory / path)
+        with reporting_disk_full(directory / path):
+            (directory / IMAGES_SUBFOLDER).mkdir(exist_ok=True)
+            image.save(directory / path)
         image_paths.append(path)
     lora_config = transformer.peft_config[adapter_name]
     card = model_card(
         settings, rank=lora_config.r, alpha=lora_config.lora_alpha, image_paths=image_paths, prompts=validation_prompts
     )
-    card.save(directory / "README.md")
+    with reporting_disk_full(directory / "README.md"):
+        card.save(directory / "README.md")
     return directory
 
 
@@ -330,9 +341,64 @@ def load_adapter_settings(
                 f"{error}). Check the id, your token, and that HF_HUB_OFFLINE is not set; or pass a local folder."
             ) from error
     try:
-        data = json.loads(settings_path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{settings_path} is not valid JSON: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{settings_path} must hold a JSON object, got {type(data).__name__}.")
-    return SCFMInferenceSettings.from_dict(data)
+    try:
+        return SCFMInferenceSettings.from_dict(data)
+    except (TypeError, ValueError) as error:  # same type, with the file named: fix it there or pass overrides
+        raise type(error)(f"{settings_path}: {error}") from None
+
+
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Check that a ``.safetensors`` file is complete: its header parses and its tensors end where the file ends.
+
+    Reads only the header (no tensor data), so a truncated or cut download is named before a loader fails on it
+    with a message that does not say which file or why.
+
+    Raises:
+        ValueError: The file is shorter or longer than its header says, or its header is not safetensors JSON.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "save or download the adapter again (a download or copy was cut short, or the disk filled up)"
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if header_size is None or header_size > size - 8:
+            raise ValueError(f"{str(path)!r} is truncated ({size} bytes, its header is cut off): {fix}.")
+        try:
+            header = json.loads(file.read(header_size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (bad header: {error}): {fix}.") from None
+    expected = 8 + header_size + end
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise ValueError(f"{str(path)!r} is {state} ({size} bytes, its header describes {expected}): {fix}.")
+
+
+def adapter_weights_file(adapter: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Path:
+    """The local path of an adapter's LoRA weights (downloaded for a Hub id), checked by :func:`check_weights_file`.
+
+    Raises:
+        FileNotFoundError: A local folder holds no weights file.
+        OSError: The Hub file could not be downloaded.
+        ValueError: The file is truncated or damaged.
+    """
+    if _is_local(adapter):
+        path = Path(adapter).expanduser() / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path.parent)!r} holds no {WEIGHTS_NAME}: it is not an SCFM adapter folder.")
+    else:
+        try:
+            path = Path(hf_hub_download(str(adapter), WEIGHTS_NAME, revision=revision, token=token))
+        except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+            raise OSError(
+                f"Could not read {WEIGHTS_NAME} of the Hub repository {str(adapter)!r} ({type(error).__name__}: "
+                f"{error}). Check the id, your token, and that HF_HUB_OFFLINE is not set; or pass a local folder."
+            ) from error
+    check_weights_file(path)
+    return path

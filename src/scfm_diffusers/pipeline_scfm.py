@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,14 @@ from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .adapter import SETTINGS_NAME, WEIGHTS_NAME, SCFMInferenceSettings, _fold_lora_alpha, load_adapter_settings
+from .adapter import (
+    SETTINGS_NAME,
+    WEIGHTS_NAME,
+    SCFMInferenceSettings,
+    _fold_lora_alpha,
+    adapter_weights_file,
+    load_adapter_settings,
+)
 from .families import FAMILIES, Family, family_of_class_name, family_of_pipeline
 from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 
@@ -90,10 +98,40 @@ class SCFMPipelineMixin:
             revision: Hub revision.
             token: Hub token.
             **overrides: Settings to change from the adapter's (e.g. ``num_inference_steps=4``).
+
+        Raises:
+            ValueError: The settings are invalid or for another family, the weights file is truncated or damaged,
+                or the LoRA's shapes do not fit this transformer (one line: how many tensors, the first one's
+                shapes); the pipeline then keeps its previous settings and scheduler.
         """
         settings = load_adapter_settings(adapter, revision=revision, token=token)
+        previous = self._scfm_settings, self.scheduler
         self.set_scfm_settings(settings, **overrides)  # checks the family before touching the weights
-        self.load_lora_weights(adapter, adapter_name=adapter_name, revision=revision, token=token)
+
+        def quiet(record: logging.LogRecord) -> bool:  # diffusers logs the whole mismatch list, then raises it
+            return "was unsuccessful with the following error" not in record.getMessage()
+
+        peft_logger = logging.getLogger("diffusers.loaders.peft")
+        peft_logger.addFilter(quiet)
+        try:
+            adapter_weights_file(adapter, revision=revision, token=token)  # header and size, before diffusers
+            self.load_lora_weights(adapter, adapter_name=adapter_name, revision=revision, token=token)
+        except (RuntimeError, ValueError) as error:
+            self._scfm_settings, self.scheduler = previous
+            shape = r"torch\.Size\((\[[^\]]*\])\)"
+            mismatches = re.findall(rf"size mismatch for (\S+): .*?{shape}.*?{shape}", str(error))
+            if not mismatches:
+                raise
+            name, stored, expected = mismatches[0]
+            raise ValueError(
+                f"SCFM adapter {str(adapter)!r} does not fit this {type(self.transformer).__name__}: "
+                f"{len(mismatches)} LoRA tensors have other shapes, e.g. {name} is {stored} in {WEIGHTS_NAME} "
+                f"but {expected} here. It was trained on another base model "
+                f"({settings.base_model or 'see its scfm_settings.json'}) or its file's LoRA config (rank) does not "
+                "match its tensors: load it into the base it was trained on, or save the adapter again."
+            ) from None
+        finally:
+            peft_logger.removeFilter(quiet)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each pipeline class a ``__call__`` with its stock parent's signature plus the SCFM arguments."""

@@ -7,13 +7,17 @@ record of the training run; validated on construction, and the default of every 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .families import FAMILIES, get_family
 from .scheduling_flow_match_scfm import FlowMatchSCFMScheduler
 
-__all__ = ["SCFMInferenceSettings"]
+__all__ = ["MAX_INFERENCE_STEPS", "SCFMInferenceSettings"]
+
+#: Most sampling steps settings may name: the schedulers' 1000 training timesteps (SCFM adapters sample in 3-8).
+MAX_INFERENCE_STEPS = 1000
 
 
 @dataclass
@@ -48,23 +52,32 @@ class SCFMInferenceSettings:
         get_family(self.family)  # raises for unknown families
         if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {self.num_inference_steps!r}.")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
+        if not 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"num_inference_steps must be >= 1 and <= {MAX_INFERENCE_STEPS} (an SCFM adapter samples in 3-8), "
+                f"got {self.num_inference_steps}."
+            )
         for name in ("shift", "guidance_scale", "lora_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number, got {value!r}.")
             setattr(self, name, float(value))
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}.")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift}.")
+        for name in ("guidance_scale", "lora_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if not isinstance(self.lora_scales, dict):
             raise TypeError(f"lora_scales must be a dict {{step count: scale}}, got {self.lora_scales!r}.")
         scales = {}
         for steps, scale in self.lora_scales.items():  # JSON keys are strings
             if isinstance(scale, bool) or not isinstance(scale, int | float) or not str(steps).isdigit():
                 raise TypeError(f"lora_scales maps step counts to numbers, got {steps!r}: {scale!r}.")
-            if int(steps) < 1 or scale < 0:
-                raise ValueError(f"lora_scales needs step counts >= 1 and scales >= 0, got {steps!r}: {scale!r}.")
+            if not 1 <= int(steps) <= MAX_INFERENCE_STEPS or not math.isfinite(scale) or scale < 0:
+                raise ValueError(
+                    f"lora_scales needs step counts >= 1 and <= {MAX_INFERENCE_STEPS} and finite scales >= 0, "
+                    f"got {steps!r}: {scale!r}."
+                )
             scales[int(steps)] = float(scale)
         self.lora_scales = dict(sorted(scales.items()))
         if not isinstance(self.use_dynamic_shifting, bool):

@@ -53,6 +53,7 @@ __all__ = [
     "make_buckets",
     "oriented_size",
     "resize_and_crop",
+    "to_rgb",
 ]
 
 # EXIF orientations that rotate by 90° or 270° (with or without a mirror), so width and height swap.
@@ -180,6 +181,28 @@ INTERPOLATION_MODES = {
 }
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB copy of ``image``, with high-bit-depth grey modes scaled by their range, not clipped.
+
+    PIL's own ``convert("RGB")`` clips these modes at 255, so a 16-bit PNG would read as nearly all white. Here
+    ``I;16*`` and ``I`` (how Pillow opens 16-bit PNG and TIFF files) are read as 0-65535, ``F`` (float TIFF) as
+    0-1, each rounded to 0-255 and clipped; every other mode goes through ``convert("RGB")`` (alpha dropped).
+
+    Example:
+        >>> grey16 = PIL.Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))  # mode I;16
+        >>> np.asarray(to_rgb(grey16))[0, :, 0].tolist()
+        [0, 1, 255]
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        scale = 255 / 65535
+    elif image.mode == "F":
+        scale = 255.0
+    else:
+        return image.convert("RGB")
+    grey = np.clip(np.nan_to_num(np.rint(np.asarray(image, dtype=np.float64) * scale)), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(grey).convert("RGB")  # 2-D uint8: mode L
+
+
 def resize_and_crop(
     image: PIL.Image.Image,
     bucket: tuple[int, int],
@@ -192,7 +215,8 @@ def resize_and_crop(
     """Turn a PIL image into a ``(3, h, w)`` float32 tensor in ``[-1, 1]`` for the bucket ``(h, w)``.
 
     As :meth:`~scfm_diffusers.training.data.ImageCaptionPreprocessor.transform`, with a rectangle instead
-    of a square: apply the EXIF rotation and convert to RGB; resize (bilinear, keeping the aspect ratio) so
+    of a square: apply the EXIF rotation and convert to 8-bit RGB (:func:`to_rgb`, 16-bit and float images by their
+    value range); resize (bilinear, keeping the aspect ratio) so
     that the image just covers the bucket, i.e. by ``max(h / H, w / W)`` (this upscales an image smaller
     than the bucket, which :func:`assign_bucket` never picks); crop ``h × w`` at the centre or at a random
     offset; flip horizontally with probability ½ if ``random_flip``. The random draws (left offset, top
@@ -218,7 +242,7 @@ def resize_and_crop(
         raise ValueError(f"Bucket sides must be positive, got {bucket}.")
     if interpolation not in INTERPOLATION_MODES:
         raise ValueError(f"Unknown interpolation {interpolation!r}; expected one of {sorted(INTERPOLATION_MODES)}.")
-    image = PIL.ImageOps.exif_transpose(image).convert("RGB")
+    image = to_rgb(PIL.ImageOps.exif_transpose(image))
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, INTERPOLATION_MODES[interpolation])

@@ -15,8 +15,14 @@ Real SCFM runs use thousands to hundreds of thousands of captioned images; a FLU
   (:func:`~scfm_diffusers.training.data.row_generator`). A 2-process cache therefore equals the 1-process one.
 * **Resumable.** An interrupted build keeps its finished shards; the next run builds only the missing ones.
 * **Never stale.** ``cache_index.json`` (written last, by the main process) holds the fingerprint of every
-  setting the cache depends on. A cache built with other settings is not reused: the differing settings are
-  logged and the cache is rebuilt.
+  setting the cache depends on (the base's encoders by content: :func:`components_fingerprint`). A cache built
+  with other settings is not reused: the differing settings are logged and the cache is rebuilt.
+* **Verified.** Each sidecar records its shard's size and ``xxh3_128`` checksum, the index records them all,
+  and sidecars and index carry a checksum of their own content. Every build re-checks every shard (split
+  between the processes) before trusting it: a truncated or altered shard, or one of another cache (a foreign
+  sidecar), is deleted and re-encoded. :class:`LatentCache` checks every shard's size on opening (and its
+  checksum with ``verify=True``) and each shard's safetensors header against the file's size when it opens
+  it, so a broken file stops the run before training, with an error naming the file and the fix.
 * **Read lazily.** :class:`LatentCache` keeps a small per-row table (16 bytes a row) in RAM and reads each
   item with positioned reads (``os.pread``), not a memory map, so the file pages it touches do not count
   against the process (a memory map's pages do: they would make RSS grow with the data set).
@@ -36,6 +42,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -46,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash  # a dependency of `datasets`, which the training data side needs anyway
 from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -56,17 +64,26 @@ from .data import ImageCaptionSample, ImageCaptionSamples, SkippedImage, row_gen
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "INDEX_FILE",
+    "CorruptCacheError",
     "LatentCache",
     "build_latent_cache",
+    "components_fingerprint",
+    "file_checksum",
     "make_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the on-disk layout changes; part of every fingerprint.
-CACHE_FORMAT_VERSION = 2
+#: Bumped whenever the on-disk layout changes; part of every fingerprint (3: checksums in sidecars and index).
+CACHE_FORMAT_VERSION = 3
 #: Written last by the main process; its presence (with a matching fingerprint) means the cache is complete.
 INDEX_FILE = "cache_index.json"
+#: The row table: ``(N, 4)`` int32 (image shard, position in it, caption id, bucket id).
+ROWS_FILE = "rows"
+#: Checksum of shard files: xxh3_128 hashes 13.5 GiB/s on one core here, sha256 1.45 and blake2b 0.79
+#: (docs/benchmarks.md, section 4c), so verifying a cache costs about what reading it from disk costs.
+CHECKSUM = "xxh3_128"
+_READ_CHUNK = 8 * 2**20
 #: Per-row VAE posterior noise uses this stream of :func:`row_generator` (crops / captions use others).
 LATENT_NOISE_STREAM = 2
 
@@ -95,6 +112,91 @@ def make_fingerprint(**settings: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class CorruptCacheError(OSError):
+    """A cache file is truncated, altered or unreadable (the message names the file and the fix)."""
+
+
+def _fix(directory: Path) -> str:
+    return (
+        f"Run the training script (or build_latent_cache) again with the same settings: it re-checks {directory} "
+        "and re-encodes what is broken; or delete that folder to rebuild it all."
+    )
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """``xxh3_128`` of a file's bytes as hex, read in 8 MiB chunks into one buffer (RAM stays flat)."""
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def components_fingerprint(
+    name_or_path: str | os.PathLike, *, skip: Sequence[str] = ("transformer", "scheduler")
+) -> str | None:
+    """The content of a local pipeline folder's components a cache depends on (VAE, text encoders, tokenizers).
+
+    Every file of every component in ``model_index.json`` whose name does not start with one of ``skip`` (the
+    transformer's weights do not change the cache) is hashed in full (``xxh3_128``; configs, tokenizer files and
+    weights, by relative path): weights replaced at the same path are seen even when their size, config and
+    safetensors header are unchanged (a fine-tuned VAE has the same shapes), while a copy, a move, a symlink or
+    a new modification time changes nothing (a rebuild costs hours at scale). Hidden files and folders (e.g. a
+    download's ``.cache``) are left out. Cost: the files are read once per run, ~0.7 s for FLUX.1-dev's 9.9 GB of
+    VAE and text encoders from the page cache (docs/benchmarks.md, section 4c).
+
+    Returns:
+        A hex digest, or None if ``name_or_path`` is not a folder (a Hub id: its id and revision stand for it).
+    """
+    folder = Path(name_or_path)
+    if not (folder / "model_index.json").is_file():
+        return None
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    names = sorted(
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+        if not name.startswith(tuple(skip))
+    )
+    digest = xxhash.xxh3_128()
+    for name in names:
+        root = folder / name
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        for file in files:
+            digest.update(
+                f"{file.relative_to(folder).as_posix()}\t{file.stat().st_size}\t{file_checksum(file)}\n".encode()
+            )
+    return digest.hexdigest()
+
+
+def _sealed(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` plus a checksum of its own content (``seal``), so an edited or bit-flipped record is seen."""
+    return {**record, "seal": xxhash.xxh3_64_hexdigest(json.dumps(record, sort_keys=True).encode())}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _unsealed(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` without its seal if the seal matches its content, else None."""
+    if record is None or "seal" not in record:
+        return None
+    content = {key: value for key, value in record.items() if key != "seal"}
+    return content if _sealed(content)["seal"] == record["seal"] else None
+
+
 # --------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------
@@ -104,19 +206,82 @@ def _shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}"
 
 
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write a ``.safetensors`` file (write-then-rename); return its size and checksum (read back from the page
+    cache: the shard is never held twice in RAM)."""
+    tmp = temporary_sibling(path)
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
+    record = {"bytes": tmp.stat().st_size, CHECKSUM: file_checksum(tmp)}
+    os.replace(tmp, path)
+    return record
+
+
 def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]) -> None:
     """Tensors first, sidecar last (both write-then-rename): a shard with a sidecar is complete."""
-    tmp = temporary_sibling(folder / f"{name}.safetensors")
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
-    write_text_atomic(folder / f"{name}.json", json.dumps(sidecar))
+    file = _write_tensors(folder / f"{name}.safetensors", tensors)
+    record = {**sidecar, "format": CACHE_FORMAT_VERSION, "file": file}
+    write_text_atomic(folder / f"{name}.json", json.dumps(_sealed(record)))
 
 
 def _read_sidecar(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / f"{name}.json"
-    if not path.is_file() or not (folder / f"{name}.safetensors").is_file():
+    """The sidecar of shard ``name`` if it is intact (its seal matches), else None (missing, unreadable, altered)."""
+    if not (folder / f"{name}.safetensors").is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _unsealed(_read_json(folder / f"{name}.json"))
+
+
+def _read_header(path: Path, size: int, read: Callable[[int, int], bytes]) -> tuple[dict[str, Any], int]:
+    """``(header, data start)`` of a ``.safetensors`` file of ``size`` bytes, checked against that size.
+
+    Raises:
+        CorruptCacheError: The header is unreadable, or the tensors it lists do not fill the file exactly.
+    """
+    problem = None
+    if size < 8:
+        problem = f"it holds {size} bytes, fewer than a safetensors header"
+    else:
+        (header_size,) = struct.unpack("<Q", read(8, 0))
+        if header_size > size - 8:
+            problem = f"its header claims {header_size} bytes but the file holds {size}"
+    if problem is None:
+        try:
+            header = json.loads(read(header_size, 8))
+            tensors = {key: value for key, value in header.items() if key != "__metadata__"}
+            spans = [
+                (*info["data_offsets"], math.prod(info["shape"]) * _SAFETENSORS_DTYPES[info["dtype"]].itemsize)
+                for info in tensors.values()
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"its safetensors header is unreadable ({type(error).__name__}: {error})"
+    if problem is None:
+        data_bytes = size - 8 - header_size
+        end = max((end for _, end, _ in spans), default=0)
+        if any(end - begin != expected for begin, end, expected in spans):
+            problem = "its header lists a tensor whose byte range does not match its shape and dtype"
+        elif end != data_bytes:
+            what = "truncated" if end > data_bytes else "longer than its header says"
+            problem = f"it is {what}: the header lists {end} bytes of tensors, the file holds {data_bytes}"
+    if problem is not None:
+        raise CorruptCacheError(f"{path} is broken: {problem}. {_fix(path.parent)}")
+    return tensors, 8 + header_size
+
+
+def _check_file(path: Path, record: Mapping[str, Any], *, checksum: bool) -> str | None:
+    """Why ``path`` does not match its ``record`` (``{"bytes", "xxh3_128"}``), or None if it does."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "the file is missing"
+    if size != record["bytes"]:
+        return f"it holds {size} bytes, {record['bytes']} were written (truncated or overwritten)"
+    with open(path, "rb") as handle:
+        try:
+            _read_header(path, size, lambda count, offset: os.pread(handle.fileno(), count, offset))
+        except CorruptCacheError as error:
+            return str(error).removeprefix(f"{path} is broken: ").removesuffix(f". {_fix(path.parent)}")
+    if checksum and file_checksum(path) != record[CHECKSUM]:
+        return f"its bytes changed since it was written ({CHECKSUM} differs)"
+    return None
 
 
 class _RowReader:
@@ -128,9 +293,10 @@ class _RowReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            self.header = json.loads(handle.read(header_size))
-        self.data_start = 8 + header_size
+            size = os.fstat(handle.fileno()).st_size
+            self.header, self.data_start = _read_header(
+                path, size, lambda count, offset: os.pread(handle.fileno(), count, offset)
+            )
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -148,7 +314,10 @@ class _RowReader:
             begin, end, shape = begin + row * row_bytes, begin + (row + 1) * row_bytes, shape[1:]
         data = os.pread(self._descriptor(), end - begin, self.data_start + begin)
         if len(data) != end - begin:
-            raise OSError(f"{self.path} is truncated: wanted {end - begin} bytes of {name!r}, read {len(data)}.")
+            raise CorruptCacheError(
+                f"{self.path} is truncated: wanted {end - begin} bytes of {name!r}, read {len(data)}. "
+                f"{_fix(self.path.parent)}"
+            )
         return torch.frombuffer(bytearray(data), dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(shape)
 
     def close(self) -> None:
@@ -174,26 +343,43 @@ class LatentCache(torch.utils.data.Dataset):
     Args:
         directory: A folder written by :func:`build_latent_cache`.
         max_open_files: Shard files kept open at once (least recently used are closed).
+        verify: Also check every shard's checksum (reads the whole cache once: ~0.1 s a GiB from the page cache,
+            disk speed otherwise; docs/benchmarks.md, section 4c). Sizes are always checked, and each shard's
+            header against its size when it is first read. :func:`build_latent_cache` verifies (split between
+            the processes, rebuilding what is broken) and opens with ``verify=False``.
 
     Attributes:
-        index: The parsed ``cache_index.json`` (fingerprint, settings, counts, skipped images).
+        index: The parsed ``cache_index.json`` (fingerprint, settings, counts, skipped images, shard checksums).
         bucket_shapes: Latent shape ``(C, h, w)`` of each bucket id.
         bucket_ids: ``(N,)`` bucket id of each row (for :class:`~scfm_diffusers.training.buckets.BucketBatchSampler`).
 
     Raises:
         FileNotFoundError: The folder holds no finished cache.
+        CorruptCacheError: A file of the cache is truncated or altered (the message names it and the fix).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_open_files: int = 64) -> None:
+    def __init__(self, directory: str | os.PathLike, *, max_open_files: int = 64, verify: bool = True) -> None:
         self.directory = Path(directory)
         index_path = self.directory / INDEX_FILE
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.directory} holds no finished latent cache ({INDEX_FILE} is missing).")
-        self.index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
+        index = _unsealed(_read_json(index_path))
+        if index is None or index.get("format") != CACHE_FORMAT_VERSION:
+            raise CorruptCacheError(
+                f"{index_path} is unreadable, altered, or of another cache format (expected format "
+                f"{CACHE_FORMAT_VERSION}). {_fix(self.directory)}"
+            )
+        self.index: dict[str, Any] = index
+        for name, record in self.index["files"].items():
+            problem = _check_file(self.directory / f"{name}.safetensors", record, checksum=verify)
+            if problem is not None:
+                raise CorruptCacheError(
+                    f"{self.directory / name}.safetensors is broken: {problem}. {_fix(self.directory)}"
+                )
         self.text_shard_size: int = self.index["text_shard_size"]
         self.text_keys: list[str] = self.index["text_keys"]
         self.bucket_shapes: list[tuple[int, ...]] = [tuple(shape) for shape in self.index["bucket_shapes"]]
-        table = _RowReader(self.directory / "rows.safetensors")
+        table = _RowReader(self.directory / f"{ROWS_FILE}.safetensors")
         # 4 × int32 per row: image shard, position in it, caption id, bucket id.
         self._rows = table.read("rows").numpy()
         table.close()
@@ -245,7 +431,12 @@ class LatentCache(torch.utils.data.Dataset):
     def caption(self, index: int) -> str:
         """The caption of row ``index`` (read from its text shard's sidecar)."""
         caption_id = int(self._rows[index, 2])
-        sidecar = _read_sidecar(self.directory, _shard_name("text", caption_id // self.text_shard_size))
+        name = _shard_name("text", caption_id // self.text_shard_size)
+        sidecar = _read_sidecar(self.directory, name)
+        if sidecar is None:
+            raise CorruptCacheError(
+                f"{self.directory / name}.json is missing, unreadable or altered. {_fix(self.directory)}"
+            )
         return sidecar["captions"][caption_id % self.text_shard_size]
 
     @staticmethod
@@ -274,25 +465,80 @@ def _check_rows(outputs: Mapping[str, torch.Tensor], expected: int) -> None:
 
 
 def _discard_stale(directory: Path, fingerprint: str, settings: Mapping[str, Any]) -> None:
-    """Remove a cache built with other settings, saying which settings differ (main process only)."""
-    stored = None
+    """Remove a cache built with other settings, saying which settings differ (main process only).
+
+    An index that is unreadable or altered is removed (the cache is then unfinished: its shards are checked one
+    by one and what is intact is kept).
+    """
     index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        stored = json.loads(index_path.read_text(encoding="utf-8"))
-    else:
-        sidecar = next(directory.glob("*-*.json"), None)
-        stored = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar else None
+    stored = _read_json(index_path)
+    if index_path.is_file() and (
+        stored is None or (stored.get("fingerprint") == fingerprint and not _unsealed(stored))
+    ):
+        logger.warning("%s is unreadable or altered: it is removed and the cache's shards are checked.", index_path)
+        index_path.unlink()
+        stored = None
+    if stored is None:  # a partial cache: judged by its first readable sidecar (others are checked one by one)
+        stored = next(filter(None, (_read_json(path) for path in sorted(directory.glob("*-*.json")))), None)
     if stored is None or stored.get("fingerprint") == fingerprint:
         return
     old = stored.get("settings") or {}
     changed = sorted(key for key in {*old, *settings} if old.get(key) != json.loads(json.dumps(settings.get(key))))
-    details = ", ".join(f"{key}: {old.get(key)!r} → {settings.get(key)!r}" for key in changed[:8]) or "unknown"
+    details = [f"{key}: {old.get(key)!r} → {settings.get(key)!r}" for key in changed[:8]]
+    if stored.get("format", 2) != CACHE_FORMAT_VERSION:
+        details.insert(0, f"cache format {stored.get('format', 2)} → {CACHE_FORMAT_VERSION}")
     logger.warning(
         "The latent cache in %s was built with other settings (%s); it is not reused and is rebuilt now.",
         directory,
-        details,
+        ", ".join(details) or "unknown",
     )
     shutil.rmtree(directory)
+
+
+def _shard_problem(directory: Path, name: str, fingerprint: str) -> str | None:
+    """Why finished-looking shard ``name`` cannot be trusted, or None if it is intact and of this cache."""
+    sidecar = _unsealed(_read_json(directory / f"{name}.json"))
+    if sidecar is None:
+        return "its sidecar is unreadable or altered"
+    if sidecar.get("fingerprint") != fingerprint or "file" not in sidecar:
+        return f"its sidecar belongs to another cache (fingerprint {sidecar.get('fingerprint')}, not {fingerprint})"
+    return _check_file(directory / f"{name}.safetensors", sidecar["file"], checksum=True)
+
+
+def _verify(directory: Path, fingerprint: str, state: PartialState) -> None:
+    """Check this process's share of the finished shards, and (main process) the row table; delete what is
+    broken, saying which file and why, so that it is re-encoded (a shard without its sidecar is unfinished)."""
+    names = sorted(path.stem for path in directory.glob("*-*.json"))
+    broken = []
+    for name in names[state.process_index :: state.num_processes]:
+        problem = _shard_problem(directory, name, fingerprint)
+        if problem is not None:
+            broken.append(f"{name}.safetensors ({problem})")
+            (directory / f"{name}.json").unlink(missing_ok=True)  # the sidecar first: unfinished from now on
+            (directory / f"{name}.safetensors").unlink(missing_ok=True)
+    index = _unsealed(_read_json(directory / INDEX_FILE))
+    if state.is_main_process and index is not None:
+        problem = _check_file(directory / f"{ROWS_FILE}.safetensors", index["files"][ROWS_FILE], checksum=True)
+        if problem is not None:
+            broken.append(f"{ROWS_FILE}.safetensors ({problem})")
+            (directory / INDEX_FILE).unlink()
+    if broken:
+        logger.warning(
+            "%d file(s) of the latent cache in %s failed verification and are rebuilt now: %s",
+            len(broken),
+            directory,
+            "; ".join(broken[:5]) + ("; ..." if len(broken) > 5 else "."),
+        )
+
+
+def _finished_index(directory: Path) -> dict[str, Any] | None:
+    """The intact index if every shard it lists still has its sidecar (after :func:`_verify`), else None."""
+    index = _unsealed(_read_json(directory / INDEX_FILE))
+    if index is None or not all(
+        (directory / f"{name}.json").is_file() for name in index["files"] if name != ROWS_FILE
+    ):
+        return None
+    return index
 
 
 def _stored_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
@@ -412,17 +658,28 @@ def _build_image_shards(
             _write_shard(directory, _shard_name("images", shard), latents, sidecar)
 
 
-def _gather_rows(directory: Path, fingerprint: str, num_rows: int, shard_size: int) -> tuple[list, dict, list]:
-    """Read the image sidecars into ``(rows, bucket shapes, skipped)``; every process can call it (read only).
+def _gather_rows(
+    directory: Path, fingerprint: str, num_rows: int, shard_size: int, num_text_shards: int
+) -> tuple[list, dict, list, dict]:
+    """Read the sidecars into ``(rows, bucket shapes, skipped, {shard: file record})``; every process can call it.
 
     Raises:
         ValueError: No row of the data set gave a usable image.
     """
-    rows, shapes, skipped = [], {}, []
-    for shard in range(-(-num_rows // shard_size)):
-        sidecar = _read_sidecar(directory, _shard_name("images", shard))
+    rows, shapes, skipped, files = [], {}, [], {}
+    shards = [("text", shard) for shard in range(num_text_shards)]
+    shards += [("images", shard) for shard in range(-(-num_rows // shard_size))]
+    for kind, shard in shards:
+        name = _shard_name(kind, shard)
+        sidecar = _read_sidecar(directory, name)
         if sidecar is None or sidecar["fingerprint"] != fingerprint:
-            raise RuntimeError(f"Image shard {shard} of {directory} is missing after every process finished.")
+            raise RuntimeError(
+                f"Shard {directory / name} is missing after every process finished: another run may be writing "
+                f"{directory}. Run one training run per output folder, then run it again."
+            )
+        files[name] = sidecar["file"]
+        if kind == "text":
+            continue
         for position, (caption_id, shape) in enumerate(zip(sidecar["caption_ids"], sidecar["shapes"], strict=True)):
             rows.append((shard, position, caption_id, shapes.setdefault(tuple(shape), len(shapes))))
         skipped.extend(sidecar["skipped"])
@@ -432,12 +689,12 @@ def _gather_rows(directory: Path, fingerprint: str, num_rows: int, shard_size: i
             f"No usable image among the {num_rows} rows of the data set (e.g. {examples}). Check the image column "
             "(--image_column), the files, and that images are at least as large as the smallest bucket."
         )
-    return rows, shapes, skipped
+    return rows, shapes, skipped, files
 
 
-def _write_index(directory: Path, rows: list, shapes: dict, skipped: list, **fields: Any) -> None:
+def _write_index(directory: Path, rows: list, shapes: dict, skipped: list, files: dict, **fields: Any) -> None:
     """Write the row table, then ``cache_index.json`` (last: it marks the cache complete). Main process only."""
-    save_file({"rows": torch.tensor(rows, dtype=torch.int32)}, str(directory / "rows.safetensors"))
+    rows_file = _write_tensors(directory / f"{ROWS_FILE}.safetensors", {"rows": torch.tensor(rows, dtype=torch.int32)})
     index = {
         **fields,
         "format": CACHE_FORMAT_VERSION,
@@ -445,8 +702,9 @@ def _write_index(directory: Path, rows: list, shapes: dict, skipped: list, **fie
         "text_keys": _read_sidecar(directory, _shard_name("text", 0))["keys"],
         "bucket_shapes": [list(shape) for shape in shapes],
         "skipped": skipped,
+        "files": {**files, ROWS_FILE: rows_file},
     }
-    write_text_atomic(directory / INDEX_FILE, json.dumps(index, indent=1))
+    write_text_atomic(directory / INDEX_FILE, json.dumps(_sealed(index), indent=1))
 
 
 def build_latent_cache(
@@ -504,10 +762,14 @@ def build_latent_cache(
     if state.is_main_process and directory.is_dir():
         _discard_stale(directory, fingerprint, settings)
     state.wait_for_everyone()
-    index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        logger.info("Using the latent cache in %s.", directory)
-        return LatentCache(directory)
+    if directory.is_dir():  # every shard is checked (checksum included) before it is trusted, finished cache or not
+        _verify(directory, fingerprint, state)
+    state.wait_for_everyone()
+    if _finished_index(directory) is not None:
+        logger.info("Using the latent cache in %s (verified).", directory)
+        return LatentCache(directory, verify=False)
+    if state.is_main_process:  # something was rebuilt: the index is rewritten once the shards are complete again
+        (directory / INDEX_FILE).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
 
     captions = samples.captions()
@@ -526,13 +788,15 @@ def build_latent_cache(
                 directory, samples, caption_ids, shard_size=shard_size, encode_images=encode_images, **common
             )
     state.wait_for_everyone()
-    rows, shapes, skipped = _gather_rows(directory, fingerprint, len(samples), shard_size)  # raises on every rank
-    if state.is_main_process:
+    num_text_shards = -(-len(unique) // text_shard_size)
+    rows, shapes, skipped, files = _gather_rows(directory, fingerprint, len(samples), shard_size, num_text_shards)
+    if state.is_main_process:  # _gather_rows raised on every rank if anything is wrong
         _write_index(
             directory,
             rows,
             shapes,
             skipped,
+            files,
             fingerprint=fingerprint,
             settings=json.loads(json.dumps(settings, default=str)),
             dtype=str(dtype).removeprefix("torch."),
@@ -541,7 +805,7 @@ def build_latent_cache(
             text_shard_size=text_shard_size,
         )
     state.wait_for_everyone()
-    cache = LatentCache(directory)
+    cache = LatentCache(directory, verify=False)  # every shard was verified above or written by this run
     logger.info(
         "Cached %d latents and %d unique text embeddings in %s (%d images skipped).",
         len(cache),

@@ -8,6 +8,7 @@ pieces it needs; nothing here runs a training step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from peft import LoraConfig
 
 from ..families import Family, family_of_class_name
 from ..hub import base_model_hub_id, base_model_identity, check_hub_repo_id, create_adapter_repo
+from .checkpoints import content_identity, files_identity
+from .config import conditioning_config, grid_config
 from .quantization import check_distributed_support, load_quantized_transformer
 
 __all__ = [
@@ -42,10 +45,23 @@ logger = logging.getLogger(__name__)
 def load_base_model(
     args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
 ) -> tuple[Any, Family]:
-    """The base pipeline (frozen, on the device except offloaded encoders) and its family (``model_index.json``)."""
+    """The base pipeline (frozen, on the device except offloaded encoders) and its family (``model_index.json``).
+
+    Raises:
+        ValueError: Before any weights are read: --resolution is not a multiple of the family's latent patch, or
+            the grid flags do not fit together with the family's grid defaults.
+    """
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, **hub)
     family = family_of_class_name(config.get("_class_name", "<none>"))
+    patch = family.latent_patch  # pixels per latent token edge: other sizes fail in the VAE or the patchify
+    if args.resolution % patch:
+        low, high = args.resolution // patch * patch, (args.resolution // patch + 1) * patch
+        raise ValueError(
+            f"--resolution {args.resolution} is not a multiple of {patch}, the pixels of one {family.name} latent "
+            f"token (VAE factor × patch): use {' or '.join(str(r) for r in (low, high) if r)}."
+        )
+    grid_config(args, family)  # the grid flags against the family's defaults, before the weights load
     components = {}
     if args.quantize_base:  # a quantized base is also a quantized teacher (adapters off), at no extra memory
         components["transformer"] = load_quantized_transformer(
@@ -227,11 +243,58 @@ def check_launch(distributed_type: DistributedType, quantize_base: str | None) -
 
 
 def run_record(args: argparse.Namespace, family: Family, lora_config: LoraConfig) -> dict:
-    """What a checkpoint must share with the run that resumes it (the base by content, never by path)."""
+    """What a checkpoint must share with the run that resumes it: the base, the LoRA, the seed, the data and the
+    objective. Everything by content, never by path (the same base or data reached by a symlink or a relative
+    path is the same run; no local path is written). What a resume may change is left out: step counts,
+    checkpoint and validation cadence, logging, the adapter's inference settings.
+    """
+    data = {
+        "dataset_name": content_identity(args.dataset_name),  # a local folder by content, else the Hub id
+        "dataset_config_name": args.dataset_config_name,
+        "train_data_dir": content_identity(args.train_data_dir),
+        "data_files": files_identity(args.data_files),
+        "columns": [args.image_column, args.caption_column],
+        "max_train_samples": args.max_train_samples,
+        "prompts_file": content_identity(args.prompts_file),
+        "resolution": args.resolution,
+        "aspect_ratio_buckets": args.aspect_ratio_buckets,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "image_interpolation_mode": args.image_interpolation_mode,
+        "max_sequence_length": args.max_sequence_length,
+        "cache_dtype": args.cache_dtype,
+        "streaming": args.streaming,
+    }
+    if args.prompts_file:  # data-free: the teacher's images are the data
+        data["teacher"] = [
+            args.teacher_num_inference_steps,
+            args.teacher_images_per_prompt,
+            args.inference_guidance_scale,
+        ]
+    if args.streaming:
+        data["shuffle_buffer_size"] = args.shuffle_buffer_size
     return {
         "base_model": base_model_identity(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "quantize_base": args.quantize_base,
         "family": family.name,
         "rank": args.rank,
         "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
         "lora_targets": sorted(lora_config.target_modules),
+        "seed": args.seed,
+        "data": data,
+        "objective": {
+            "grid": dataclasses.asdict(grid_config(args, family)),
+            "conditioning": dataclasses.asdict(conditioning_config(args)),
+            "fast_ema_decay": args.fast_ema_decay,
+            "slow_ema_decay": args.slow_ema_decay,
+            "ema_restart_steps": args.ema_restart_steps,
+            "learning_rate": args.learning_rate,  # after --scale_lr
+            "optimizer": "adamw8bit" if args.use_8bit_adam else args.optimizer,
+            "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_grad_norm": args.max_grad_norm or family.max_grad_norm,
+        },
     }

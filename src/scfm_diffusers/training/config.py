@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TRAIN_STEPS = 1000
+MAX_STEPS = 1000  # = settings.MAX_INFERENCE_STEPS: step counts above the schedulers' 1000 training timesteps
+MAX_GRID_SIZE = 1000  # finest σ grid of the objective: teacher grids, self grids, 2·N·level of --target_steps
 QUANTIZATION_NAMES = ("nf4", "int8", "torchao-int8", "torchao-fp8")  # = training.quantization.QUANTIZATION_CHOICES
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "lanczos", "nearest", "box", "hamming")  # = buckets.INTERPOLATION_MODES
 LORA_SCALE_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))  # = calibration.DEFAULT_LORA_SCALE_CANDIDATES
@@ -46,7 +49,8 @@ LORA_SCALE_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))  # = calibra
 
 def arg(default: Any = None, help: str = "", **metadata: Any) -> Any:  # noqa: A002  (argparse's word)
     """A dataclass field that is a flag: ``help``, and optionally ``choices``, ``required``, ``min`` / ``max``
-    (inclusive bounds) or ``above`` (exclusive lower bound), checked by :func:`parse_args`."""
+    (inclusive bounds), ``above`` (exclusive lower bound) or ``multiple`` (of an integer), checked by
+    :func:`parse_args`."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
@@ -88,9 +92,11 @@ class DataArgs:
     caption_column: str = arg("text", "Dataset column with the captions.")
     max_train_samples: int | None = arg(None, "Use at most this many pairs (shuffled with --seed first).", min=1)
     prompts_file: str | None = arg(None, "Data-free mode: one prompt per line; the teacher draws the images.")
-    teacher_num_inference_steps: int = arg(32, "Teacher steps for data-free images.", min=1)
+    teacher_num_inference_steps: int = arg(32, "Teacher steps for data-free images.", min=1, max=MAX_STEPS)
     teacher_images_per_prompt: int = arg(1, "Images per prompt in data-free mode.", min=1)
-    resolution: int = arg(512, "Square training resolution (pixels).", min=8)
+    resolution: int = arg(
+        512, "Square training resolution (pixels), a multiple of the family's latent patch (16 px).", min=8
+    )
     center_crop: bool = arg(False, "Center-crop instead of random crops.")
     random_flip: bool = arg(False, "Random horizontal flips.")
     image_interpolation_mode: str = arg("bilinear", "Resize filter of the images.", choices=INTERPOLATION_NAMES)
@@ -113,7 +119,7 @@ class OptimizationArgs:
     """optimisation"""
 
     output_dir: str = arg("scfm-lora", "Adapter folder; checkpoints and caches go below it.")
-    seed: int = arg(0, "Seed of everything random.")
+    seed: int = arg(0, "Seed of everything random.", min=0, max=2**32 - 1)
     train_batch_size: int = arg(8, "Batch size per device.", min=1)
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.", min=1)
     max_train_steps: int | None = arg(
@@ -185,7 +191,7 @@ class LoraArgs:
 class AdapterArgs:
     """adapter settings, validation and calibration"""
 
-    num_inference_steps: int = arg(4, "Steps the adapter recommends (3-8).", min=1, max=1000)
+    num_inference_steps: int = arg(4, "Steps the adapter recommends (3-8).", min=1, max=MAX_STEPS)
     inference_shift: float | None = arg(None, "Sampling shift (default: the family's, Flux 3.25, SD3 3.0).", above=0)
     inference_guidance_scale: float | None = arg(
         None, "Guidance the adapter is sampled with (default: the family's; a CFG student keeps --cfg_scale).", min=0
@@ -199,12 +205,15 @@ class AdapterArgs:
     )
     calibration_images_per_prompt: int = arg(4, "Noise seeds per calibration prompt.", min=1)
     calibration_steps: list[int] | None = arg(
-        None, "Step counts given a calibrated LoRA scale (default: --target_steps and --num_inference_steps).", min=1
+        None,
+        "Step counts given a calibrated LoRA scale (default: --target_steps and --num_inference_steps).",
+        min=1,
+        max=MAX_STEPS,
     )
     lora_scale_candidates: list[float] = arg(
         list(LORA_SCALE_CANDIDATES), "LoRA scales tried per step count (default 0 to 2.0 by 0.1).", min=0
     )
-    calibration_reference_steps: int = arg(32, "Teacher steps of the calibration reference.", min=1)
+    calibration_reference_steps: int = arg(32, "Teacher steps of the calibration reference.", min=1, max=MAX_STEPS)
     calibration_batch_size: int = arg(4, "Images per pipeline call in the calibration.", min=1)
     no_lora_scale_calibration: bool = arg(False, "Keep --lora_scale for every step count.")
 
@@ -273,32 +282,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Ranges of the objective's grid flags (one per :class:`~scfm_diffusers.training.timesteps.GridSamplerConfig`
+#: field), checked when parsed; the rules that tie them together are GridSamplerConfig's, checked once the
+#: family's defaults are known (:func:`grid_config`, called by ``components.load_base_model``).
+GRID_FLAG_RANGES: dict[str, dict[str, float]] = {
+    "teacher_ratio": {"min": 0, "max": 1},
+    "flow_matching_ratio": {"min": 0, "max": 1},
+    "teacher_grid_size_min": {"min": 2, "max": MAX_GRID_SIZE, "multiple": 2},
+    "teacher_grid_size_max": {"min": 2, "max": MAX_GRID_SIZE, "multiple": 2},
+    "self_grid_sizes": {"min": 2, "max": MAX_GRID_SIZE, "multiple": 2},
+    "shift_min": {"above": 0},
+    "shift_max": {"above": 0},
+    "dynamic_shift_prob": {"min": 0, "max": 1},
+    "base_shift": {},  # μ, any finite value
+    "max_shift": {},
+    "base_image_seq_len": {"min": 1},
+    "max_image_seq_len": {"min": 1},
+    "max_sigma": {"above": 0, "max": 1},
+    "target_steps": {"min": 1, "max": MAX_GRID_SIZE // 2},
+    "target_levels": {"min": 1, "max": MAX_GRID_SIZE // 2},
+    "target_shift": {"above": 0},
+}
+
+
+def _range_error(flag: str, value: Any, bounds: dict[str, Any]) -> str | None:
+    """The message for a number outside ``bounds`` (``min``, ``max``, ``above``, ``multiple``) or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, above, high, multiple = (bounds.get(key) for key in ("min", "above", "max", "multiple"))
+    texts = [
+        f">= {low}" if low is not None else "",
+        f"> {above}" if above is not None else "",
+        f"<= {high}" if high is not None else "",
+        f"a multiple of {multiple}" if multiple is not None else "",
+    ]
+    if (
+        not math.isfinite(value)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+        or (above is not None and value <= above)
+        or (multiple is not None and value % multiple)
+    ):
+        return f"--{flag} must be a finite number {' and '.join(t for t in texts if t)}, got {value}.".replace(
+            "number , got", "number, got"
+        )
+    return None
+
+
 def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every numeric flag finite and within its ``min`` / ``max`` / ``above`` bounds; the message names it."""
-    for group_class in ARG_GROUPS:
-        for f in dataclasses.fields(group_class):
-            value = getattr(args, f.name)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    continue
-                low, high, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
-                bounds = " and ".join(
-                    text
-                    for text in (
-                        f">= {low}" if low is not None else "",
-                        f"> {above}" if above is not None else "",
-                        f"<= {high}" if high is not None else "",
-                    )
-                    if text
-                )
-                if (
-                    not math.isfinite(v)
-                    or (low is not None and v < low)
-                    or (high is not None and v > high)
-                    or (above is not None and v <= above)
-                ):
-                    parser.error(f"--{f.name} must be a finite number {bounds or ''}, got {v}.".replace("  ", " "))
+    """Every numeric flag finite and within its bounds (``min`` / ``max`` / ``above`` / ``multiple`` of the
+    dataclass fields, :data:`GRID_FLAG_RANGES` for the grid flags); the message names the flag and the range."""
+    from .timesteps import GridSamplerConfig
+
+    checks = [(f.name, f.metadata) for group_class in ARG_GROUPS for f in dataclasses.fields(group_class)]
+    checks += [(f.name, GRID_FLAG_RANGES[f.name]) for f in dataclasses.fields(GridSamplerConfig)]
+    for name, bounds in checks:
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            message = _range_error(name, v, bounds)
+            if message:
+                parser.error(message)
+    if args.self_grids == "targeted":  # the finest self grid is 2·N·level: keep it within MAX_GRID_SIZE
+        flag, steps = (
+            ("--target_steps", args.target_steps)
+            if args.target_steps
+            else ("--num_inference_steps", [args.num_inference_steps])
+        )
+        levels = args.target_levels or GridSamplerConfig().target_levels
+        if 2 * max(steps) * max(levels) > MAX_GRID_SIZE:
+            parser.error(
+                f"{flag} {max(steps)} with --target_levels up to {max(levels)} trains self grids of 2·N·level = "
+                f"{2 * max(steps) * max(levels)} steps, above the finest allowed ({MAX_GRID_SIZE}): use {flag} <= "
+                f"{MAX_GRID_SIZE // (2 * max(levels))} (SCFM adapters sample in a few steps) or lower --target_levels."
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -369,7 +425,14 @@ def grid_config(args: argparse.Namespace, family):
     if args.self_grids == "targeted":
         given.setdefault("target_steps", [args.num_inference_steps])
         given.setdefault("target_shift", inference_shift(args, family))
-    return GridSamplerConfig(**given)
+    try:
+        return GridSamplerConfig(**given)
+    except ValueError as error:  # a rule between grid flags, or a flag against the family's default: name flags
+        names = "|".join(f.name for f in dataclasses.fields(GridSamplerConfig))
+        message = re.sub(rf"\b({names})\b", r"--\1", str(error))
+        raise ValueError(
+            f"{message} Change those flags ({family.name}'s grid defaults: {family.grid_defaults})."
+        ) from None
 
 
 def conditioning_config(args: argparse.Namespace):

@@ -44,6 +44,7 @@ from .._files import read_prompts
 from .buckets import INTERPOLATION_MODES, assign_bucket, resize_and_crop
 
 __all__ = [
+    "CaptionError",
     "ImageCaptionPreprocessor",
     "ImageCaptionSample",
     "ImageCaptionSamples",
@@ -212,6 +213,11 @@ class ImageTooSmallError(ValueError):
     """The image cannot cover any aspect-ratio bucket without upscaling."""
 
 
+class CaptionError(ValueError):
+    """A row's caption is missing (null), not UTF-8, or not text: it stops the run (an image is never trained
+    with a caption that is not the data's)."""
+
+
 class ImageCaptionPreprocessor:
     """Decode, resize and crop images to ``(3, H, W)`` tensors in ``[-1, 1]``, like the diffusers scripts.
 
@@ -284,24 +290,42 @@ class ImageCaptionPreprocessor:
             interpolation=self.interpolation,
         )
 
-    def caption(self, value: Any, index: int) -> str:
-        """Return the caption of row ``index``; draws one (seeded by the row) if the row holds a list."""
+    def caption(self, value: Any, index: int, source: str | None = None) -> str:
+        """Return the caption of row ``index``; draws one (seeded by the row) if the row holds a list.
+
+        Raises:
+            CaptionError: The caption is null, bytes that are not UTF-8, or not text; the message names the row
+                (and ``source``, its image, when given) and the fix.
+        """
+        row = f"Row {index}" + (f" ({source})" if source else "")
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             choice = torch.randint(len(value), (), generator=row_generator(self.seed, index, CAPTION_STREAM))
             return value[int(choice)]
+        if value is None:
+            raise CaptionError(
+                f"{row} has no caption (column {self.caption_column!r} is null): write its caption in the data "
+                '(e.g. its metadata.jsonl line), or "" to train that image without a prompt.'
+            )
         if isinstance(value, bytes):  # WebDataset .txt entries
-            value = value.decode("utf-8")
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CaptionError(
+                    f"{row}: the caption is not UTF-8 text (byte 0x{value[error.start]:02x} at {error.start}); "
+                    "save the captions as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
         if not isinstance(value, str):
-            raise ValueError(
-                f"Row {index}: caption column {self.caption_column!r} holds {value!r}; expected a string or a "
+            raise CaptionError(
+                f"{row}: caption column {self.caption_column!r} holds {value!r}; expected a string or a "
                 "list of strings (set --caption_column)."
             )
         return value
 
     def process(self, entry: Any, caption: Any, index: int) -> ImageCaptionSample | SkippedImage:
         """Decode and preprocess one row: the sample, or why it was skipped (logged as a warning)."""
+        caption = self.caption(caption, index, _source(entry, index))  # a bad caption stops the run: not skipped
         try:
-            return ImageCaptionSample(self.transform(_open_image(entry), index), self.caption(caption, index), index)
+            return ImageCaptionSample(self.transform(_open_image(entry), index), caption, index)
         except ImageTooSmallError as error:
             skipped = SkippedImage(index, _source(entry, index), str(error), reason="too small")
         except _UNREADABLE_ERRORS as error:
@@ -381,10 +405,14 @@ class ImageCaptionSamples:
 
     def captions(self) -> list[str]:
         """The caption of every row, without decoding a single image (list-valued rows drawn per row)."""
-        column = self.dataset.select_columns([self.preprocessor.caption_column])
-        return [
-            self.preprocessor.caption(row[self.preprocessor.caption_column], index) for index, row in enumerate(column)
-        ]
+        column_name, image_column = self.preprocessor.caption_column, self.preprocessor.image_column
+        captions = []
+        for index, row in enumerate(self.dataset.select_columns([column_name])):
+            try:
+                captions.append(self.preprocessor.caption(row[column_name], index))
+            except CaptionError:  # again, naming the row's image (read only now: images may be large)
+                self.preprocessor.caption(row[column_name], index, _source(self.dataset[index][image_column], index))
+        return captions
 
     def rows(self, start: int, stop: int) -> Iterator[ImageCaptionSample | SkippedImage]:
         """Rows ``start ≤ i < stop`` decoded and preprocessed: a sample or a :class:`SkippedImage` each."""

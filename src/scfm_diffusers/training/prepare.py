@@ -23,7 +23,7 @@ from diffusers.training_utils import free_memory, offload_models
 from ..families import Family
 from ..hub import base_model_identity
 from .buckets import BucketBatchSampler, make_buckets
-from .cache import build_latent_cache
+from .cache import build_latent_cache, components_fingerprint
 from .checkpoints import latest_checkpoint
 from .config import conditioning_config
 from .data import ImageCaptionPreprocessor, StreamingBatches, load_image_caption_dataset, read_prompts
@@ -143,6 +143,9 @@ def prepare_data(
 
     settings = {  # everything the cache depends on (shard size and dtype are added by the cache)
         "model": base_model_identity(args.pretrained_model_name_or_path),  # by content: no path is written
+        # The VAE, text encoders and tokenizers by their files' content: weights replaced at the same path (same
+        # config, same shapes) are seen; a copy or a moved folder is not a change. None for a Hub id.
+        "encoders": components_fingerprint(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "variant": args.variant,
         "encoder_dtype": str(weight_dtype),

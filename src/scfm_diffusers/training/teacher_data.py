@@ -7,7 +7,9 @@ data-free. :func:`generate_teacher_images` writes them as an image folder with a
 Every process generates its share of the images (accelerate's ``split_between_processes``). Each PNG carries
 the settings it was generated with in a text chunk, so a run that stops (crash, pre-emption, process-group
 time-out) resumes where it stopped, whatever the number of processes before and after; the folder-level
-``generation_manifest.json`` and ``metadata.jsonl`` are written by the main process once all are done.
+``generation_manifest.json`` (a record; never trusted over the files) and ``metadata.jsonl`` are written by
+the main process once all are done. An image is reused only if the PNG itself is intact (every chunk's CRC
+checked: an empty, truncated or altered file is regenerated) and carries the wanted settings.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,13 +42,18 @@ PNG_SETTINGS_KEY = "scfm_generation"
 
 
 def _settings_of_png(path: Path) -> dict | None:
-    """The generation settings stored in a teacher PNG, or None (missing, unreadable, or not ours)."""
+    """The generation settings stored in a teacher PNG; ``{}`` for an intact PNG without them; None if broken.
+
+    The file is checked with PIL's ``verify`` (every chunk's CRC and the end of the file, no pixel decoding:
+    ~1.3 ms for a 1024² image against ~16 ms to decode it), so an empty, truncated or altered PNG is None.
+    """
     try:
         with PIL.Image.open(path) as image:
-            text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
-    except (OSError, ValueError, SyntaxError):
+            text = image.info.get(PNG_SETTINGS_KEY)  # a text chunk before the pixels: read when opened
+            image.verify()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error):
         return None
-    return json.loads(text) if text else None
 
 
 def generate_teacher_images(
@@ -68,10 +76,10 @@ def generate_teacher_images(
     Image ``i = prompt_index × images_per_prompt + k`` is ``{i:06d}.png``, generated with seed ``seed + i``
     on a CPU generator, so it does not depend on the batch size, the device or the number of processes.
     Call it on EVERY process (it splits the missing images between them and waits for the others); on a
-    single process it simply does all the work. A re-run regenerates only the images whose file is missing
-    or whose stored settings (prompt, seed, steps, size, guidance, extra kwargs, teacher) differ, and removes
-    images that are no longer wanted. Each image is written atomically with its settings inside, so an
-    interrupted run loses at most one batch per process.
+    single process it simply does all the work. A re-run regenerates only the images whose file is missing,
+    broken (empty, truncated, a chunk whose CRC fails) or whose stored settings (prompt, seed, steps, size,
+    guidance, extra kwargs, teacher) differ, and removes images that are no longer wanted. Each image is
+    written atomically with its settings inside, so an interrupted run loses at most one batch per process.
 
     Args:
         pipeline: A diffusers text-to-image pipeline (e.g. a stock ``FluxPipeline``) taking ``prompt``,
@@ -102,7 +110,6 @@ def generate_teacher_images(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / MANIFEST_FILE
-    manifest: dict[str, dict] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 
     common = {
         "num_inference_steps": num_inference_steps,
@@ -118,14 +125,18 @@ def generate_teacher_images(
     }
     wanted = json.loads(json.dumps(wanted))  # the JSON round trip makes tuples lists, as when read back
 
-    def is_done(name: str) -> bool:
-        if not (output_dir / name).is_file():
-            return False
-        if manifest.get(name) == wanted[name]:  # fast path: a finished run's manifest
-            return True
-        return _settings_of_png(output_dir / name) == wanted[name]
-
-    todo = [name for name in wanted if not is_done(name)]
+    # Every file is checked, even when a finished run's manifest lists it: the PNG itself is what is trained on.
+    present = {name for name in wanted if (output_dir / name).is_file()}
+    found = {name: _settings_of_png(output_dir / name) for name in sorted(present)}
+    todo = [name for name in wanted if found.get(name) != wanted[name]]
+    broken = [name for name in found if found[name] is None]
+    if broken and state.is_main_process:
+        logger.warning(
+            "%d teacher image(s) in %s are empty, truncated or corrupted and are generated again: %s",
+            len(broken),
+            output_dir,
+            ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else "."),
+        )
     if len(todo) < len(wanted):
         logger.info("Reusing %d of %d teacher images in %s.", len(wanted) - len(todo), len(wanted), output_dir)
 
