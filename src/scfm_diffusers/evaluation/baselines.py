@@ -174,7 +174,8 @@ class ReflowConfig:
 def _latent_shape(pipeline: Any, family: Any, height: int, width: int) -> tuple[int, ...]:
     """The family's cached-latent shape ``(1, ...)`` of a ``height × width`` image (one VAE encode of zeros)."""
     pixels = torch.zeros(1, 3, height, width, device=pipeline.vae.device, dtype=pipeline.vae.dtype)
-    return tuple(family.encode_images(pipeline.vae, pixels).shape)
+    generator = torch.Generator(pipeline.vae.device).manual_seed(0)  # never a draw from the global RNG
+    return tuple(family.encode_images(pipeline.vae, pixels, generator=generator).shape)
 
 
 @torch.no_grad()
