@@ -309,3 +309,12 @@ def test_reporting_disk_full_turns_a_real_enospc_into_one_line_and_passes_other_
             file.flush()
     with pytest.raises(FileNotFoundError), reporting_disk_full("/nowhere/file"):
         open("/nowhere/file", "rb")
+
+
+def test_disk_full_while_caching_names_the_shard(full_disk):
+    """The cache's shard writer reports a full disk in one line naming the shard (not safetensors' os error 28)."""
+    from scfm_diffusers.training.cache import _write_tensors
+
+    (full_disk / "filler").write_bytes(b"\0" * (64 * 1024 - 8192))
+    with pytest.raises(DiskFullError, match=r"while writing '.*/images-00000\.safetensors' .*build the cache on"):
+        _write_tensors(full_disk / "images-00000.safetensors", {"latents": torch.zeros(64, 64)})  # 16 KiB

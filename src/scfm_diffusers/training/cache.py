@@ -58,7 +58,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .._files import temporary_sibling, write_text_atomic
+from .._files import reporting_disk_full, temporary_sibling, write_text_atomic
 from .data import ImageCaptionSample, ImageCaptionSamples, SkippedImage, row_generator
 
 __all__ = [
@@ -210,7 +210,8 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, An
     """Write a ``.safetensors`` file (write-then-rename); return its size and checksum (read back from the page
     cache: the shard is never held twice in RAM)."""
     tmp = temporary_sibling(path)
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
+    with reporting_disk_full(path, "or build the cache on another disk (--output_dir)"):
+        save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
     record = {"bytes": tmp.stat().st_size, CHECKSUM: file_checksum(tmp)}
     os.replace(tmp, path)
     return record

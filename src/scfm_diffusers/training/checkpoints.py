@@ -41,6 +41,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .._files import reporting_disk_full
 from .ema import DualLoraEMA, lora_parameters
 
 __all__ = [
@@ -173,7 +174,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
     accelerator.wait_for_everyone()
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+    with reporting_disk_full(partial, "or checkpoint less often / keep fewer (--checkpoints_total_limit)"):
+        accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step again (a resume from an earlier checkpoint): swap, then delete
