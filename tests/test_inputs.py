@@ -313,7 +313,7 @@ def test_reporting_disk_full_turns_a_real_enospc_into_one_line_and_passes_other_
 
 def test_disk_full_while_caching_names_the_shard(full_disk):
     """The cache's shard writer reports a full disk in one line naming the shard (not safetensors' os error 28)."""
-    from scfm_diffusers.training.cache import _write_tensors
+    from scfm_diffusers.training.cache_files import _write_tensors
 
     (full_disk / "filler").write_bytes(b"\0" * (64 * 1024 - 8192))
     with pytest.raises(DiskFullError, match=r"while writing '.*/images-00000\.safetensors' .*build the cache on"):

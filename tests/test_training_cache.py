@@ -292,7 +292,7 @@ def test_a_bit_flipped_text_shard_is_re_encoded(pipe, tmp_path):
 
 def test_a_truncated_shard_header_is_named_when_the_shard_is_opened(pipe, tmp_path):
     """The safetensors header is checked against the file's size whenever a shard is opened for reading."""
-    from scfm_diffusers.training.cache import _RowReader
+    from scfm_diffusers.training.cache_files import _RowReader
 
     samples = square_samples(tmp_path, ["a", "b"])
     build(samples, tmp_path / "cache", Encoders(pipe))
