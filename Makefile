@@ -9,7 +9,7 @@ FLOOR_VENV := .venv-floor
 FLOOR_BIN := $(FLOOR_VENV)/bin
 FLOOR_PIP := $(FLOOR_BIN)/pip install -c constraints-floor.txt
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
-FLOOR_EXTRAS := train,test,quantization
+FLOOR_EXTRAS := train,test,quantization,video
 
 .PHONY: venv test test-fast test-floor lint demo docs clean
 
@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e ".[train,test,quantization,docs]" "deepspeed>=0.16"
+	$(PIP) -q -e ".[train,test,quantization,video,docs]" "deepspeed>=0.16"
 	touch $(STAMP)
 
 # Rebuilt from scratch whenever the floors change, so that nothing newer is left behind.

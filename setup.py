@@ -51,6 +51,9 @@ EXTRAS = {
     # xxhash: the cache's shard checksums (datasets depends on it too).
     "train": ["datasets>=3.0.0", "bitsandbytes>=0.50.0", "tensorboard", "scikit-learn", "matplotlib", "xxhash"],
     "deepspeed": ["deepspeed>=0.16"],
+    # Video families (Wan): clips decoded with PyAV; validation and scfm-eval videos written with diffusers'
+    # export_to_video (imageio + its ffmpeg binary).
+    "video": ["av>=14.0.0", "imageio>=2.30.0", "imageio-ffmpeg>=0.5.0"],
     # scfm-eval's quality_vs_steps.png (matplotlib). scfm-eval runs without it.
     "eval": ["matplotlib"],
     # Quantized base (QLoRA-style): bitsandbytes nf4 / int8 on CUDA, torchao int8 / fp8 weight-only (CPU too).
@@ -67,12 +70,12 @@ EXTRAS = {
         "griffe-sphinx>=0.3",
     ],
 }
-EXTRAS["dev"] = sorted({req for name in ("train", "test", "quantization") for req in EXTRAS[name]})
+EXTRAS["dev"] = sorted({req for name in ("train", "test", "quantization", "video") for req in EXTRAS[name]})
 
 setup(
     name="scfm-diffusers",
     version="0.1.0",
-    description="SCFM: shortcut a pre-trained Flux or SD3 flow-matching model into a 3-8 step LoRA, diffusers style.",
+    description="SCFM: shortcut a pre-trained flow-matching image or video model into a 3-8 step LoRA, diffusers style.",
     long_description=absolute_links((Path(__file__).parent / "README.md").read_text(encoding="utf-8")),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Distill a pre-trained flow-matching model (FLUX.1, SD3, Qwen-Image, Flux.2 Klein, Z-Image, Chroma) into a
-3-8 step SCFM LoRA adapter.
+"""Distill a pre-trained flow-matching model (FLUX.1, SD3, Qwen-Image, Flux.2 Klein, Z-Image, Chroma, Wan video)
+into a 3-8 step SCFM LoRA adapter.
 
 SCFM ("Shortcutting Pre-trained Flow Matching Diffusion Models is Almost Free Lunch", NeurIPS 2025) trains a
 LoRA on the model's own velocity field: at (x_σ, σ) the student regresses onto the average velocity of two
@@ -28,6 +28,8 @@ Large data: aspect-ratio buckets over a cached data set, or WebDataset shards st
 Several GPUs (DDP) or DeepSpeed ZeRO-2:
     accelerate launch --config_file examples/configs/multi_gpu.yaml examples/train_scfm_lora.py ...
     accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train_scfm_lora.py ...
+A base too large for one GPU (Qwen-Image, Flux.2 dev, Wan 2.2 A14B): FSDP2 shards it, one config per family:
+    accelerate launch --config_file examples/configs/fsdp2_qwenimage.yaml examples/train_scfm_lora.py ...
 CPU smoke test (a locally saved tiny pipeline):
     accelerate launch --cpu --num_processes 1 examples/train_scfm_lora.py --pretrained_model_name_or_path tiny \
         --train_data_dir data --resolution 32 --max_train_steps 2 --rank 4 --lora_alpha 4
@@ -51,13 +53,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from scfm_diffusers.adapter import save_adapter
+from scfm_diffusers.families import LoraExperts
 from scfm_diffusers.hub import base_model_hub_id, push_adapter
-from scfm_diffusers.training import components, validation
+from scfm_diffusers.training import components, distributed, validation
 from scfm_diffusers.training.checkpoints import (
     checkpoint_to_resume,
     latest_checkpoint,
@@ -104,29 +113,37 @@ def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
 
 
 def validate_student(args, pipe, transformer, family, data, grid, accelerator, weight_dtype, step: int) -> None:
-    """Validation images of the student during training (the adapter's steps, shift, guidance and scale)."""
+    """Validation images of the student during training (the adapter's steps, shift, guidance and scale). Under FSDP
+    every rank samples (a sharded forward needs them all) and the main process keeps the images."""
     batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     settings = validation.inference_settings(args, family, grid, effective_batch_size=batch_size)
-    with encoders_on_device(args, pipe, accelerator, "vae"):
+    with (
+        encoders_on_device(args, pipe, accelerator, "vae"),
+        distributed.output_args(args, accelerator.is_main_process) as run_args,
+    ):
         scfm_pipe = validation.scfm_pipeline(pipe, transformer, family, settings)
         validation.validate(
-            args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype, step, accelerator.trackers
+            run_args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype, step, accelerator.trackers
         )
 
 
 def final_adapter(args, pipe, transformer, ema, family, data, grid, accelerator, weight_dtype, repo_id) -> None:
     """Calibrate the LoRA scale of the SAVED weights, sample the card's images with them at that scale, write the
-    adapter folder and push it (main process)."""
+    adapter folder and push it (main process; under FSDP every rank samples and gathers, the main one writes)."""
     which = {"student": "student", "ema_slow": "slow", "ema_fast": "fast"}[args.save_weights]
     batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     settings = validation.inference_settings(args, family, grid, effective_batch_size=batch_size)
     images = []
-    with ema.use(which), encoders_on_device(args, pipe, accelerator, "vae"):
+    with (
+        ema.use(which),
+        encoders_on_device(args, pipe, accelerator, "vae"),
+        distributed.output_args(args, accelerator.is_main_process) as run_args,
+    ):
         if data.calibration_text is not None:  # the saved weights, against the teacher, per step count
             steps = args.calibration_steps or sorted({*grid.target_steps, args.num_inference_steps})
             scfm_pipe = validation.scfm_pipeline(pipe, transformer, family, settings)
             scales = validation.calibrate(
-                args, scfm_pipe, family, data.calibration_text, data.uncond, steps, weight_dtype
+                run_args, scfm_pipe, family, data.calibration_text, data.uncond, steps, weight_dtype
             )
             settings = validation.inference_settings(
                 args, family, grid, effective_batch_size=batch_size, lora_scales=scales
@@ -134,10 +151,12 @@ def final_adapter(args, pipe, transformer, ema, family, data, grid, accelerator,
         if args.validation_prompt:  # the card's images: the uploaded weights at their calibrated scale
             scfm_pipe = validation.scfm_pipeline(pipe, transformer, family, settings)
             images = validation.validate(
-                args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype, args.max_train_steps,
+                run_args, scfm_pipe, family, data.validation_text, data.uncond, weight_dtype, args.max_train_steps,
                 accelerator.trackers,
             )  # fmt: skip
-    weights = ema.adapter_state_dict(which)
+    weights = ema.adapter_state_dict(which)  # whole tensors (gathered on every rank under FSDP)
+    if not accelerator.is_main_process:
+        return
     if not args.upcast_before_saving:  # as diffusers: the training precision unless asked for float32
         weights = {key: value.to(weight_dtype) for key, value in weights.items()}
     save_adapter(
@@ -177,19 +196,21 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components.warn_about_command_line_token(args)
     repo_id = components.create_hub_repo(args, accelerator) if args.push_to_hub else None
-    components.check_launch(accelerator.distributed_type, args.quantize_base)
+    components.check_launch(accelerator.distributed_type, args.quantize_base, distributed.fsdp_version(accelerator))
+    sharded = distributed.is_sharded(accelerator)  # FSDP: forward passes and gathers need every rank
+    samples = accelerator.is_main_process or sharded  # the processes that run validation and the final adapter
 
     # 2. The frozen base (its family decides LoRA targets, conditioning, grad clip) and the data.
     pipe, family = components.load_base_model(args, accelerator, weight_dtype)
     data = prepare_data(args, pipe, family, accelerator, weight_dtype)
-    transformer = pipe.transformer
+    transformer = family.trained_module(pipe)  # the transformer, or Wan 2.2's two experts as one module
     if data.prepared is not None:
         steps_from_epochs(args, data.prepared, accelerator.num_processes)
 
     # 3. Student LoRA + dual EMA as adapters on the one transformer (teacher = adapters disabled).
     lora_config = components.student_lora_config(args, family, transformer)
     transformer.add_adapter(lora_config, adapter_name=STUDENT)
-    components.configure_transformer(args, transformer)  # gradient checkpointing, xformers
+    components.configure_transformer(args, transformer, accelerator)  # gradient checkpointing, xformers
     ema = DualLoraEMA(transformer, STUDENT, fast_decay=args.fast_ema_decay, slow_decay=args.slow_ema_decay)
     cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA in fp32 under mixed precision
     student_params = list(lora_parameters(transformer, STUDENT).values())
@@ -214,6 +235,9 @@ def main(args: argparse.Namespace) -> Path:
     )
     max_grad_norm = args.max_grad_norm or family.max_grad_norm
     components.configure_deepspeed(accelerator, max_grad_norm, args.train_batch_size)
+    components.configure_fsdp(accelerator)  # LoRA gradients reduced in float32 under FSDP2
+    if isinstance(transformer, LoraExperts):  # a step may use one expert: DDP must not wait for the other's grads
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     if args.quantize_base:  # DDP must not broadcast the quantized (frozen, identical) base weights
         ddp_ignore_quantized_weights(transformer)
     if data.prepared is not None:
@@ -222,6 +246,9 @@ def main(args: argparse.Namespace) -> Path:
         )
     else:  # a stream is split between processes by `datasets` itself
         model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if sharded:  # fully_shard replaced every parameter by its shard: the EMA and the clipping need the new ones
+        ema.refresh()
+        student_params = list(ema.parameters("student").values())
     global_step = resume(args, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
@@ -270,14 +297,14 @@ def main(args: argparse.Namespace) -> Path:
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        if args.validation_prompt and accelerator.is_main_process and global_step % args.validation_steps == 0:
+        if args.validation_prompt and samples and global_step % args.validation_steps == 0:
             if global_step < args.max_train_steps:  # the last step's images come with the final adapter
                 validate_student(args, pipe, accelerator.unwrap_model(model), family, data, grid, accelerator,
                                  weight_dtype, global_step)  # fmt: skip
 
     # 6. The adapter folder (weights + settings + scheduler + model card), optionally pushed to the Hub.
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if samples:
         final_adapter(args, pipe, transformer, ema, family, data, grid, accelerator, weight_dtype, repo_id)
     accelerator.end_training()
     return output_dir

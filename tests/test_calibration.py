@@ -10,6 +10,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from scfm_diffusers import SCFMInferenceSettings, SCFMPipeline, save_adapter
 from scfm_diffusers.adapter import load_adapter_settings
 from scfm_diffusers.calibration import LoraScaleCalibration, calibrate_lora_scales
+from scfm_diffusers.families import get_family, pipeline_samples
 
 STOCK = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
 PROMPTS = ["a cat", "a red square"]
@@ -194,3 +195,35 @@ def test_a_fused_lora_warns_that_the_calibrated_scale_cannot_apply(saved_pipelin
 def test_calibration_result_defaults():
     result = LoraScaleCalibration({3: 1.4})
     assert result.to_dict()["scales"] == {"3": 1.4} and "3 steps: LoRA scale 1.4" in result.summary()
+
+
+def test_a_video_family_calibrates_on_its_latent_clips():
+    """Wan: the sweep runs with ``num_frames`` among the call arguments, over every latent frame of a clip."""
+    family = get_family("wan")
+    pipe = family.tiny_pipeline()
+    add_trained_lora(pipe.transformer)
+    pipe = SCFMPipeline.from_pipe(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_frames": family.tiny_num_frames, "max_sequence_length": 8, "height": 32, "width": 32}
+    result = calibrate_lora_scales(
+        pipe, [1, 2], prompt=PROMPTS, candidates=[0.0, 1.0], reference_steps=2, progress=False, **call
+    )
+    assert set(result.scales) == {1, 2} and result.scales[2] == 0.0 and result.errors[2][0.0] == 0.0
+
+    def clips(steps, scale):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+        return pipeline_samples(
+            pipe(
+                PROMPTS,
+                num_inference_steps=steps,
+                lora_scale=scale,
+                generator=generators,
+                output_type="latent",
+                **call,
+            )
+        )
+
+    reference = clips(2, 0.0)
+    assert reference.shape[:3] == (len(PROMPTS), 4, 2)  # (B, C, latent frames, h, w): 5 frames -> 2
+    expected = (clips(1, 1.0) - reference).pow(2).mean().sqrt().item()
+    assert result.errors[1][1.0] == pytest.approx(expected, rel=1e-5, abs=1e-7)

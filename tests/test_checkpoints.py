@@ -71,7 +71,7 @@ class Trainer:
             rng=self.rng,
             record=record,
             state={},
-            write_adapter=lambda _: None,
+            write_adapter=lambda folder, lora_state_dict: None,
         )
 
     def step(self) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import (
@@ -31,7 +32,7 @@ from huggingface_hub.errors import (
 from peft.utils import get_peft_model_state_dict
 
 from ._files import reporting_disk_full
-from .families import family_of_transformer, get_family
+from .families import LoraExperts, family_of_transformer, get_family
 from .settings import SCFMInferenceSettings
 
 __all__ = [
@@ -98,6 +99,25 @@ def _fold_lora_alpha(transformer, adapter_name: str, lora_state_dict: dict) -> t
     return folded, metadata
 
 
+def _expert_weights(transformer, lora_state_dict: dict) -> dict[str, tuple[torch.nn.Module, str | None, dict]]:
+    """Pipeline component -> (its module, its weights file or None for the usual one, its LoRA tensors).
+
+    A plain transformer is one entry; a :class:`~scfm_diffusers.families.LoraExperts` one per expert, each with
+    the tensors under its name (the prefix dropped, as a transformer alone names them).
+    """
+    if not isinstance(transformer, LoraExperts):
+        return {"transformer": (transformer, None, lora_state_dict)}
+    experts = {}
+    for name, module in transformer.experts().items():
+        prefix = f"{name}."
+        tensors = {key[len(prefix) :]: value for key, value in lora_state_dict.items() if key.startswith(prefix)}
+        experts[name] = (module, transformer.weight_names[name], tensors)
+    unassigned = [key for key in lora_state_dict if not key.startswith(tuple(f"{name}." for name in experts))]
+    if unassigned:
+        raise ValueError(f"LoRA tensors of no expert ({sorted(experts)}): {unassigned[:3]}.")
+    return experts
+
+
 def save_adapter(
     directory: str | os.PathLike,
     transformer,
@@ -149,13 +169,19 @@ def save_adapter(
         raise ValueError(f"The transformer has no LoRA adapter {adapter_name!r} (it has {known}).")
     if lora_state_dict is None:
         lora_state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    lora_state_dict, lora_config = _fold_lora_alpha(transformer, adapter_name, lora_state_dict)
+    experts = _expert_weights(transformer, lora_state_dict)
+    settings = settings.replace(expert_weights={name: file for name, (_, file, _) in experts.items() if file})
     with reporting_disk_full(directory):
         directory.mkdir(parents=True, exist_ok=True)
-    with reporting_disk_full(directory / WEIGHTS_NAME):
-        family.pipeline_class.save_lora_weights(
-            directory, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=lora_config
-        )
+    for module, weight_name, tensors in experts.values():  # one file per expert, as stock loaders read them
+        tensors, lora_config = _fold_lora_alpha(module, adapter_name, tensors)
+        with reporting_disk_full(directory / (weight_name or WEIGHTS_NAME)):
+            family.pipeline_class.save_lora_weights(
+                directory,
+                transformer_lora_layers=tensors,
+                transformer_lora_adapter_metadata=lora_config,
+                weight_name=weight_name,
+            )
     with reporting_disk_full(directory / SETTINGS_NAME):
         (directory / SETTINGS_NAME).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True) + "\n")
     with reporting_disk_full(directory / SCHEDULER_SUBFOLDER):
@@ -184,7 +210,7 @@ def card_tags(family: str) -> list[str]:
     """
     family = get_family(family).name
     return [
-        "text-to-image",
+        f"text-to-{get_family(family).modality}",
         "diffusers-training",
         "diffusers",
         "lora",
@@ -242,7 +268,7 @@ def model_card(
         base_model=settings.base_model,
         library_name="diffusers",
         license="other",
-        pipeline_tag="text-to-image",
+        pipeline_tag=f"text-to-{family.modality}",
         widget=widget or None,
     )
     adapter = repo_id or _ADAPTER_PLACEHOLDER
@@ -250,6 +276,11 @@ def model_card(
     steps = settings.num_inference_steps
     images = "".join(f"\n![{prompt}]({path})" for prompt, path in zip(prompts, image_paths))
     training = "".join(f"\n| {key} | {value} |" for key, value in sorted(settings.training.items()))
+    output = f"{family.output_name}[0]"  # a video pipeline returns frames
+    load_experts = "".join(  # Wan 2.2: each expert's LoRA from its own file
+        f'\npipe.load_lora_weights("{adapter}", weight_name="{file}", load_into_{name}=True)'
+        for name, file in settings.expert_weights.items()
+    )
     lora_scales = f"{settings.lora_scale:g}"
     if settings.lora_scales:  # calibrated per step count; the default for the others
         calibrated = ", ".join(f"{scale:g} at {n} steps" for n, scale in settings.lora_scales.items())
@@ -269,7 +300,7 @@ import torch
 from scfm_diffusers import SCFMPipeline
 
 pipe = SCFMPipeline.from_pretrained("{base}", adapter="{adapter}", torch_dtype=torch.bfloat16)
-image = pipe("a photo of a cat").images[0]  # {steps} steps, shift {settings.shift:g}
+sample = pipe("a photo of a cat").{output}  # {steps} steps, shift {settings.shift:g}
 ```
 
 or with the stock pipeline:
@@ -280,10 +311,10 @@ from diffusers import {family.pipeline_class.__name__}
 from scfm_diffusers import FlowMatchSCFMScheduler
 
 pipe = {family.pipeline_class.__name__}.from_pretrained("{base}", torch_dtype=torch.bfloat16)
-pipe.load_lora_weights("{adapter}")
+pipe.load_lora_weights("{adapter}"){load_experts}
 pipe.scheduler = FlowMatchSCFMScheduler.from_config(pipe.scheduler.config, shift={settings.shift:g}, use_dynamic_shifting={settings.use_dynamic_shifting})
-image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={settings.guidance_scale:g},
-             joint_attention_kwargs={{"scale": {settings.lora_scale_for(steps):g}}}).images[0]
+sample = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={settings.guidance_scale:g},
+              {family.lora_scale_kwarg}={{"scale": {settings.lora_scale_for(steps):g}}}).{output}
 ```
 
 ## Settings

@@ -9,7 +9,8 @@ The training script stores the result in the adapter's :class:`~scfm_diffusers.S
 (``lora_scales``), and :class:`~scfm_diffusers.SCFMPipeline` uses it for the requested step count.
 
 Errors are measured on latents (``output_type="latent"``): no VAE decode, same ranking as pixels up to the
-decoder's local scaling.
+decoder's local scaling. A video family's latents are clips ``(B, C, F', h, w)``: the error is over every latent
+frame (pass the pipeline's ``num_frames`` with the other call arguments).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .families import pipeline_samples
 
 __all__ = ["DEFAULT_LORA_SCALE_CANDIDATES", "LoraScaleCalibration", "calibrate_lora_scales"]
 
@@ -41,7 +44,7 @@ class LoraScaleCalibration:
         scales: ``{N: best LoRA scale}`` for each calibrated step count.
         errors: ``{N: {scale: paired RMSE}}``, the whole sweep.
         reference_steps: Steps of the teacher reference.
-        num_images: Images per (N, scale) pair.
+        num_images: Images (or clips) per (N, scale) pair.
     """
 
     scales: dict[int, float]
@@ -88,10 +91,10 @@ def calibrate_lora_scales(
     the same per-image noise (one ``torch.Generator`` per image, seeded ``seed + i``).
 
     Args:
-        pipe: An :class:`~scfm_diffusers.SCFMPipeline` (Flux or SD3) with the adapter loaded and NOT fused
-            (a fused LoRA ignores the scale).
+        pipe: An :class:`~scfm_diffusers.SCFMPipeline` (any family) with the adapter loaded and NOT fused (a
+            fused LoRA ignores the scale).
         step_counts: Step counts N to calibrate (e.g. ``[3, 4, 8]``).
-        prompt: Prompts, one image each; or None when ``call_kwargs`` carries ``prompt_embeds``.
+        prompt: Prompts, one image (or clip) each; or None when ``call_kwargs`` carries ``prompt_embeds``.
         candidates: LoRA scales tried for each N.
         reference_steps: Teacher steps of the reference.
         seed: Seed of the first image's noise.
@@ -99,8 +102,8 @@ def calibrate_lora_scales(
             result does not depend on it; lower it when memory is short.
         progress: Show a progress bar over the sweep.
         **call_kwargs: Further pipeline arguments, the same for every call (``prompt_embeds``, ``height``,
-            ``guidance_scale``, ``max_sequence_length``, ...); tensors and lists with one row per image are
-            split into the batches.
+            ``guidance_scale``, ``max_sequence_length``, a video family's ``num_frames``, ...); tensors and lists
+            with one row per image are split into the batches.
 
     Returns:
         The best scale per N and the whole sweep.
@@ -158,7 +161,7 @@ def calibrate_lora_scales(
                 output_type="latent",
                 **{name: rows(value, start, stop) for name, value in call_kwargs.items()},
             )
-            batches.append(out.images.float().cpu())
+            batches.append(pipeline_samples(out).float().cpu())
         return torch.cat(batches)
 
     bar = tqdm(total=1 + len(steps) * len(scales), desc="LoRA scale calibration", disable=not progress)

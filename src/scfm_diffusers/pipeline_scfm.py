@@ -116,6 +116,7 @@ class SCFMPipelineMixin:
         try:
             adapter_weights_file(adapter, revision=revision, token=token)  # header and size, before diffusers
             self.load_lora_weights(adapter, adapter_name=adapter_name, revision=revision, token=token)
+            self._load_expert_loras(adapter, settings, adapter_name=adapter_name, revision=revision, token=token)
         except (RuntimeError, ValueError) as error:
             self._scfm_settings, self.scheduler = previous
             shape = r"torch\.Size\((\[[^\]]*\])\)"
@@ -132,6 +133,29 @@ class SCFMPipelineMixin:
             ) from None
         finally:
             peft_logger.removeFilter(quiet)
+
+    def _load_expert_loras(
+        self, adapter: str | os.PathLike, settings: SCFMInferenceSettings, *, adapter_name: str, **hub: Any
+    ) -> None:
+        """Each further expert's LoRA from its own file (Wan 2.2: ``load_into_transformer_2``), as stock diffusers
+        loads it; a pipeline with experts the adapter has no LoRA for is warned about."""
+        for component, weight_name in settings.expert_weights.items():
+            if getattr(self, component, None) is None:
+                raise ValueError(
+                    f"The SCFM adapter {str(adapter)!r} has a LoRA for {component} ({weight_name}), which this "
+                    f"{type(self).__name__} does not have: it was trained on a two-expert base (Wan 2.2 A14B). Load "
+                    "it into that base model."
+                )
+            self.load_lora_weights(
+                adapter, weight_name=weight_name, adapter_name=adapter_name, **{f"load_into_{component}": True}, **hub
+            )
+        for component in ("transformer_2",):
+            if getattr(self, component, None) is not None and component not in settings.expert_weights:
+                logger.warning(
+                    "The SCFM adapter %s has no LoRA for %s: that expert samples without it, as the base does.",
+                    adapter,
+                    component,
+                )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each pipeline class a ``__call__`` with its stock parent's signature plus the SCFM arguments."""
@@ -199,6 +223,13 @@ class SCFMPipelineMixin:
             ValueError: The transformer carries more than one unfused LoRA adapter.
         """
         directory = Path(save_directory)
+        for component in ("transformer_2",):
+            if getattr(self, component, None) is not None and _unfused_lora_adapters(getattr(self, component)):
+                raise ValueError(
+                    f"save_pretrained keeps a LoRA of the transformer only, but {component} carries one too: fuse "
+                    "both (`pipe.fuse_lora(components=['transformer', 'transformer_2'])`, then "
+                    "`pipe.unload_lora_weights()`) before saving, or save the adapter with scfm_diffusers.save_adapter."
+                )
         unfused = _unfused_lora_adapters(self.transformer)
         if len(unfused) > 1:
             raise ValueError(

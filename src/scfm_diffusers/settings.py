@@ -36,6 +36,9 @@ class SCFMInferenceSettings:
             (:func:`~scfm_diffusers.calibration.calibrate_lora_scales`); see :meth:`lora_scale_for`.
         base_model: Hub id or path of the base model the adapter was trained on.
         training: Free-form record of the training run (shown in the model card).
+        expert_weights: Further pipeline components that carry a LoRA of their own, each with its weights file
+            in the adapter folder (Wan 2.2: ``{"transformer_2": "pytorch_lora_weights_transformer_2.safetensors"}``);
+            ``transformer``'s is always ``pytorch_lora_weights.safetensors``.
     """
 
     family: str
@@ -47,6 +50,7 @@ class SCFMInferenceSettings:
     lora_scales: dict[int, float] = field(default_factory=dict)
     base_model: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    expert_weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_family(self.family)  # raises for unknown families
@@ -86,6 +90,14 @@ class SCFMInferenceSettings:
             raise TypeError(f"base_model must be a string or None, got {self.base_model!r}.")
         if not isinstance(self.training, dict):
             raise TypeError(f"training must be a dict, got {self.training!r}.")
+        if not isinstance(self.expert_weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.endswith(".safetensors") and "/" not in v
+            for k, v in self.expert_weights.items()
+        ):
+            raise TypeError(
+                f"expert_weights maps pipeline components to .safetensors file names in the adapter folder, got "
+                f"{self.expert_weights!r}."
+            )
 
     def lora_scale_for(self, num_inference_steps: int) -> float:
         """The LoRA scale for a step count: the calibrated one (``lora_scales``), else ``lora_scale``.

@@ -36,7 +36,7 @@ import torch
 from peft import LoraConfig
 
 from ..adapter import SCFMInferenceSettings, save_adapter
-from ..families import ConditioningConfig, family_of_pipeline
+from ..families import ConditioningConfig, family_of_pipeline, pipeline_samples
 from ..training.objective import scfm_loss
 from ..training.timesteps import GridSamplerConfig, TargetSource, sample_grid_steps
 
@@ -226,7 +226,7 @@ def generate_reflow_pairs(
             output_type="latent",
         )
         noises.append(noise.float())
-        sample = family.pipeline_latents_to_model_space(pipeline.vae, torch.as_tensor(output.images))
+        sample = family.pipeline_latents_to_model_space(pipeline.vae, torch.as_tensor(pipeline_samples(output)))
         samples.append(sample.float().cpu())
         indices.append(torch.tensor([index_of[p] for p in batch_prompts]))
         if progress is not None:

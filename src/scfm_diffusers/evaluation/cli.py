@@ -1,6 +1,6 @@
 """``scfm-eval``: measure a base model and its few-step adapters against the base model's many-step samples.
 
-For a Flux or SD3 base model, ``num_images`` (prompt, seed) pairs are sampled by:
+For a base model of any family, ``num_images`` (prompt, seed) pairs are sampled by:
 
 1. the teacher (the base model, its own scheduler) in ``--teacher_steps`` steps: the reference;
 2. the teacher in N plain Euler steps for every N of ``--steps`` (its own scheduler, or each fixed shift of
@@ -18,6 +18,12 @@ the evaluation fails (one ``scfm-eval: error: ...`` line on stderr).
 extractor, imported only when built (e.g. the digits demo's classifier,
 ``digits_demo.digits:DigitsClassifierFeatureExtractor`` with ``PYTHONPATH=examples``).
 
+A video family (Wan) makes clips of ``--num_frames`` frames (default: the pipeline's, 81 for Wan). The table gives
+latency per clip and the paired error over all frames of a clip; the first ``--num_videos`` clips of every
+sampler are written as ``videos/<method>/<N>steps/<prompt index>_<seed>.mp4`` at ``--fps`` (with imageio:
+``pip install "scfm-diffusers[video]"``). The image metrics (FD, CLIP score) and the image grid are skipped,
+and the log says so.
+
 Example (one GPU)::
 
     scfm-eval --base_model black-forest-labs/FLUX.1-dev --adapter flux-scfm-4step \\
@@ -33,6 +39,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -46,7 +53,7 @@ import torch
 from .._files import read_prompts
 from .harness import ReferenceSet, evaluate, fixed_shift_scheduler, generate
 from .metrics import available_feature_extractors, extract_features, feature_extractor_factory
-from .report import markdown_table, write_report
+from .report import DEFAULT_COLUMNS, VIDEO_COLUMNS, markdown_table, require_video_writer, write_report, write_video
 
 __all__ = ["build_feature_extractor", "load_image_folder", "main", "parse_args", "run"]
 
@@ -59,7 +66,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (see the module docstring); exits with status 2 on a usage error."""
     p = argparse.ArgumentParser(prog="scfm-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base_model", required=True, help="Flux or SD3 pipeline: folder or Hub id.")
+    p.add_argument("--base_model", required=True, help="Pipeline of any SCFM family: folder or Hub id.")
     p.add_argument(
         "--adapter",
         action="append",
@@ -80,6 +87,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--height", type=int, default=1024, help="Image height.")
     p.add_argument("--width", type=int, default=1024, help="Image width.")
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="Video families: frames per clip (Wan: 4k + 1; default: the pipeline's, 81 for Wan).",
+    )
+    p.add_argument("--fps", type=int, default=16, help="Video families: frames per second of the written mp4s.")
+    p.add_argument(
+        "--num_videos", type=int, default=8, help="Video families: clips written per sampler as mp4 (0: none)."
+    )
     p.add_argument(
         "--guidance_scale",
         type=float,
@@ -110,6 +127,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_images < 1 or min(args.steps + [args.teacher_steps]) < 1 or args.batch_size < 1:
         p.error("--num_images, --steps, --teacher_steps and --batch_size must be >= 1.")
+    if args.num_frames is not None and args.num_frames < 1:
+        p.error(f"--num_frames must be >= 1, got {args.num_frames}.")
+    if args.fps < 1 or args.num_videos < 0:
+        p.error("--fps must be >= 1 and --num_videos >= 0.")
     if args.num_images < 2 and args.feature_extractor:
         p.error("--num_images must be >= 2 for Fréchet distances.")
     if not os.path.isfile(args.prompts_file):
@@ -148,6 +169,11 @@ def load_image_folder(folder: str | Path, height: int, width: int) -> torch.Tens
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _video_folder(method: str, steps: int) -> str:
+    """``videos/<method>/<N>steps``, the method's name made a safe folder name."""
+    return f"videos/{re.sub(r'[^A-Za-z0-9._-]+', '_', method).strip('_') or 'method'}/{steps}steps"
+
+
 def _adapter_name_and_path(spec: str) -> tuple[str, str]:
     if "=" in spec:
         name, path = spec.split("=", 1)
@@ -181,21 +207,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # and sampled with, in the pipeline's own terms (Qwen-Image: true CFG needs a negative prompt): the few-step
     # rows are compared with the teacher they were distilled from.
     family = family_of_pipeline(pipe)
+    video = family.modality == "video"
+    if args.num_frames is not None:
+        family.check_num_frames(args.num_frames)  # an image family takes no --num_frames
+        common.update(family.frame_kwargs(args.num_frames))
+    if video and args.num_videos > 0:
+        require_video_writer()  # before the sampling, not after it
+    extras = {
+        "--feature_extractor": args.feature_extractor,
+        "--real_images_dir": args.real_images_dir,
+        "--clip_model_path": args.clip_model_path,
+        "the image grid": args.grid_images > 0 or None,
+    }
+    skipped = [name for name, value in extras.items() if value]
+    if video and skipped:
+        logger.info(
+            "Video (%s): skipping %s (image-only); the table has latency per clip and paired error over all frames.",
+            family.name,
+            ", ".join(skipped),
+        )
     teacher = dict(common)
     guidance = args.guidance_scale if args.guidance_scale is not None else family.default_settings["guidance_scale"]
     family.fill_guidance(teacher, float(guidance))
-    if args.feature_extractor:
+    extractor = real_features = clip = None
+    if args.feature_extractor and not video:
         logger.info("Building the feature extractor %s.", args.feature_extractor)
-    extractor = (
-        build_feature_extractor(args.feature_extractor, args.feature_extractor_path, args.device)
-        if args.feature_extractor
-        else None
-    )
-    real_features = None
+        extractor = build_feature_extractor(args.feature_extractor, args.feature_extractor_path, args.device)
     if args.real_images_dir and extractor is not None:
         real_features = extract_features(extractor, load_image_folder(args.real_images_dir, args.height, args.width))
-    clip = None
-    if args.clip_model_path:
+    if args.clip_model_path and not video:
         clip = build_feature_extractor("clip", args.clip_model_path, args.device)
     shared = {
         "height": args.height,
@@ -208,7 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     # 1. Reference: the teacher's many-step samples (its own scheduler).
-    logger.info("Reference: %d images from the teacher in %d steps.", args.num_images, args.teacher_steps)
+    samples = "clips" if video else "images"
+    logger.info("Reference: %d %s from the teacher in %d steps.", args.num_images, samples, args.teacher_steps)
     reference_images = generate(
         pipe,
         prompts,
@@ -235,7 +276,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **shared,
         )
         row = {"method": method, "shift": shift, **result.to_dict()}
-        results.append((row, result.images[: args.grid_images]))
+        kept = None
+        if video:  # written now and dropped: a sampler's clips are many times its images' memory
+            folder = _video_folder(method, steps)
+            for i, frames in enumerate(result.images[: args.num_videos]):
+                write_video(
+                    Path(args.output_dir, folder, f"{i % len(prompt_list)}_{seeds[i]}.mp4"), frames, fps=args.fps
+                )
+            row["videos"] = folder if args.num_videos > 0 else None
+        elif args.grid_images > 0:
+            kept = result.images[: args.grid_images].clone()  # a copy: a view would keep every image alive
+        results.append((row, kept))
         logger.info(json.dumps({k: v for k, v in row.items() if k != "settings"}))
 
     # 2. Teacher: many steps (reference) and N steps, own scheduler and each requested fixed shift.
@@ -265,11 +316,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. Report.
     rows = [row for row, _ in results]
-    grid_rows = (
-        [(f"{row['method']} {row['num_inference_steps']}", images) for row, images in results]
-        if args.grid_images > 0
-        else None
-    )
+    grid_rows = [
+        (f"{row['method']} {row['num_inference_steps']}", images) for row, images in results if images is not None
+    ]
     settings = {k: v for k, v in vars(args).items()}
     settings["teacher_fd_vs_real"] = reference.fd_vs_real
     settings["seconds"] = round(time.perf_counter() - start, 1)
@@ -277,18 +326,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"Reference: the teacher in {args.teacher_steps} steps from the same seeds. Paired RMSE is in [0, 1] pixel "
         "units; ΔFD = FD(sampler, real) − FD(reference, real); shift 'default' is the pipeline's own scheduler."
     ]
+    columns = VIDEO_COLUMNS if video else DEFAULT_COLUMNS
+    if video:
+        written_clips = min(args.num_videos, args.num_images)
+        notes.append(
+            f"Video: {reference_images.shape[1]} frames per clip; latency is seconds per clip and the paired RMSE is "
+            "over every frame of a clip."
+            + (
+                f" The first {written_clips} clips of each row are in the row's folder, "
+                f"videos/<method>/<N>steps/<prompt index>_<seed>.mp4 ({args.fps} fps)."
+                if written_clips
+                else ""
+            )
+        )
     written = write_report(
         args.output_dir,
         rows,
         title=f"scfm-eval: {args.base_model}",
         notes=notes,
         settings=settings,
-        grid_rows=grid_rows,
+        grid_rows=grid_rows or None,
+        columns=columns,
         grid_scale=max(1, 128 // max(args.height, args.width))
         if max(args.height, args.width) <= 128
         else 256 / max(args.height, args.width),
     )
-    print(markdown_table(rows), flush=True)
+    print(markdown_table(rows, columns), flush=True)
     logger.info("Wrote %s.", ", ".join(str(path) for path in written.values()))
     return json.loads(written["json"].read_text())
 

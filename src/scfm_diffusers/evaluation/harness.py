@@ -1,12 +1,13 @@
-"""Evaluate any diffusers text-to-image pipeline against a many-step reference, from the same noise.
+"""Evaluate any diffusers text-to-image or text-to-video pipeline against a many-step reference, from the same noise.
 
-One call of :func:`evaluate` samples ``len(prompts)`` images (image i from ``prompts[i]`` and its own
+One call of :func:`evaluate` samples ``len(prompts)`` images or clips (sample i from ``prompts[i]`` and its own
 seeded generator ``seeds[i]``, so its initial noise does not depend on batching or on the sampler) and
 reports, as an :class:`EvaluationResult`:
 
-* ``latency_s`` — median wall time of a single-image pipeline call (:func:`~.metrics.time_call`);
-* ``paired_mse`` / ``paired_rmse`` — error to the reference images drawn from the *same* seeds (the
-  teacher's many-step samples), in [0, 1] pixel units;
+* ``latency_s`` — median wall time of a single-sample pipeline call (:func:`~.metrics.time_call`): seconds
+  per image, or per clip for a video pipeline;
+* ``paired_mse`` / ``paired_rmse`` — error to the reference samples drawn from the *same* seeds (the
+  teacher's many-step samples), in [0, 1] pixel units, over every pixel of every frame of a clip;
 * ``fd_vs_teacher`` — Fréchet distance of the features to the reference images' features (the paper's
   "FID against the teacher");
 * ``fd_vs_real`` — Fréchet distance to a real-data feature set, and ``delta_fd`` = FD(this) − FD(reference
@@ -14,9 +15,14 @@ reports, as an :class:`EvaluationResult`:
 * ``accuracy`` — prompt adherence of a classifier (its ``.logits``) on the prompted labels;
 * ``clip_score`` — CLIP score against the prompts, when a CLIP model is given.
 
-The pipeline can be a stock ``FluxPipeline`` / ``StableDiffusion3Pipeline`` with any scheduler or an
-``SCFMFluxPipeline`` with an adapter: only ``pipeline(prompt=list, generator=list, num_inference_steps=N,
-height=H, width=W, output_type="pt", **call_kwargs).images`` is used.
+The last three are image metrics: :func:`evaluate` refuses them for clips (a video has no registered feature
+extractor; ``scfm-eval`` skips them and says so).
+
+The pipeline can be a stock ``FluxPipeline`` / ``StableDiffusion3Pipeline`` / ``WanPipeline`` with any scheduler
+or an SCFM pipeline with an adapter: only ``pipeline(prompt=list, generator=list, num_inference_steps=N,
+height=H, width=W, output_type="pt", **call_kwargs)`` is used, read with
+:func:`~scfm_diffusers.families.pipeline_samples` (``.images``, or ``.frames`` of a video pipeline; its
+``num_frames`` goes in ``call_kwargs``).
 
 Example:
     >>> teacher = generate(pipe, prompts, seeds, num_inference_steps=32, height=512, width=512)  # doctest: +SKIP
@@ -36,6 +42,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
+from ..families import pipeline_samples
 from .metrics import (
     CLIPFeatureExtractor,
     classifier_accuracy,
@@ -73,23 +80,24 @@ def generate(
     batch_size: int = 32,
     call_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """Sample one image per (prompt, seed) in batches, each image with its own seeded CPU generator.
+    """Sample one image (or clip) per (prompt, seed) in batches, each with its own seeded CPU generator.
 
-    Image i depends only on ``prompts[i]``, ``seeds[i]`` and the sampler, so two samplers called with the same
-    lists start every image from the same noise.
+    Sample i depends only on ``prompts[i]``, ``seeds[i]`` and the sampler, so two samplers called with the same
+    lists start every sample from the same noise.
 
     Args:
-        pipeline: A diffusers text-to-image pipeline.
+        pipeline: A diffusers text-to-image or text-to-video pipeline.
         prompts: N prompts.
         seeds: N seeds.
         num_inference_steps: Sampling steps.
         height: Image height in pixels.
         width: Image width in pixels.
-        batch_size: Images per pipeline call.
-        call_kwargs: Further pipeline arguments (``guidance_scale``, ``max_sequence_length``, ``shift``, ...).
+        batch_size: Samples per pipeline call.
+        call_kwargs: Further pipeline arguments (``guidance_scale``, ``max_sequence_length``, ``shift``, a video
+            pipeline's ``num_frames``, ...).
 
     Returns:
-        Images ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
+        Images ``(N, C, H, W)``, or clips ``(N, F, C, H, W)`` of a video pipeline, float32 in [0, 1] on the CPU.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per image.")
@@ -108,7 +116,7 @@ def generate(
             output_type="pt",
             **(call_kwargs or {}),
         )
-        images.append(torch.as_tensor(output.images).float().cpu())
+        images.append(torch.as_tensor(pipeline_samples(output)).float().cpu())
     return torch.cat(images)
 
 
@@ -117,7 +125,8 @@ class ReferenceSet:
     """The many-step reference an evaluation compares against, computed once and shared by every sampler.
 
     Attributes:
-        images: Reference images ``(N, C, H, W)`` in [0, 1] from the same prompts/seeds (teacher many-step).
+        images: Reference images ``(N, C, H, W)`` or clips ``(N, F, C, H, W)`` in [0, 1] from the same
+            prompts/seeds (teacher many-step).
         features: Their features ``(N, D)`` (None without a feature extractor).
         real_features: Features of real data ``(M, D)``, or None.
         fd_vs_real: FD(reference images, real data), the teacher side of ΔFD (None without real features).
@@ -149,12 +158,16 @@ class ReferenceSet:
 class EvaluationResult:
     """Metrics of one sampler (pipeline + step count + call arguments); None where not measured.
 
+    For a video pipeline every "image" below is a clip: latency and seconds are per clip, the paired error of a
+    clip is over all its frames.
+
     Attributes:
         name: Label of the sampler in reports.
         num_inference_steps: Sampling steps N.
-        num_images: Images evaluated.
-        latency_s: Median wall time of one single-image pipeline call.
-        seconds_per_image: Wall time of the batched generation divided by the number of images.
+        num_images: Images (or clips) evaluated.
+        num_frames: Frames per clip (None for images).
+        latency_s: Median wall time of one single-image (single-clip) pipeline call.
+        seconds_per_image: Wall time of the batched generation divided by the number of images (clips).
         paired_mse: Mean over images of the per-pixel MSE to the reference image from the same noise.
         paired_rmse: ``sqrt(paired_mse)``.
         paired_mse_std: Std over images of the per-image MSE.
@@ -164,13 +177,14 @@ class EvaluationResult:
         accuracy: Classifier accuracy on the prompted labels.
         clip_score: CLIP score against the prompts.
         settings: Free-form description (shift, LoRA scale, ...), copied into reports.
-        images: The generated images ``(N, C, H, W)`` (not serialised).
+        images: The generated images ``(N, C, H, W)`` or clips ``(N, F, C, H, W)`` (not serialised).
         features: Their features ``(N, D)`` (not serialised).
     """
 
     name: str
     num_inference_steps: int
     num_images: int
+    num_frames: int | None = None
     latency_s: float | None = None
     seconds_per_image: float | None = None
     paired_mse: float | None = None
@@ -216,14 +230,15 @@ def evaluate(
     """Sample ``prompts``/``seeds`` with ``pipeline`` and measure latency, paired error, FD, adherence.
 
     Args:
-        pipeline: Any diffusers text-to-image pipeline (its progress bar is switched off).
+        pipeline: Any diffusers text-to-image or text-to-video pipeline (its progress bar is switched off). A
+            video pipeline's clips take latency and paired error only.
         prompts: N prompts (N ≥ 2 for Fréchet distances).
         seeds: N seeds; image i starts from the noise of ``torch.Generator().manual_seed(seeds[i])``.
         num_inference_steps: Sampling steps N.
         height: Image height in pixels.
         width: Image width in pixels.
-        reference_images: The teacher's many-step samples ``(N, C, H, W)`` in [0, 1] from the SAME prompts and
-            seeds (see :func:`generate`), or a prebuilt :class:`ReferenceSet`. Enables the paired error, FD vs
+        reference_images: The teacher's many-step samples ``(N, C, H, W)`` (clips: ``(N, F, C, H, W)``) in
+            [0, 1] from the SAME prompts and seeds (see :func:`generate`), or a prebuilt :class:`ReferenceSet`. Enables the paired error, FD vs
             teacher and ΔFD.
         feature_extractor: Maps images ``(B, C, H, W)`` in [0, 1] to features ``(B, D)`` (see
             :func:`~.metrics.get_feature_extractor`). Enables the Fréchet distances.
@@ -233,14 +248,18 @@ def evaluate(
         labels: The prompted class of each image, ``(N,)``.
         clip: CLIP model folder / Hub id or a built :class:`~.metrics.CLIPFeatureExtractor`: enables the CLIP
             score (reuse a built one across calls).
-        call_kwargs: Further pipeline arguments for every call (``guidance_scale``, ``shift``, ...).
+        call_kwargs: Further pipeline arguments for every call (``guidance_scale``, ``shift``, ``num_frames``, ...).
         batch_size: Images per pipeline call.
-        latency_repeats: Timed single-image calls (after one warm-up call); 0 skips the latency.
+        latency_repeats: Timed single-image (single-clip) calls (after one warm-up call); 0 skips the latency.
         name: Label in reports (default: the pipeline class and the step count).
         settings: Free-form description stored in the result.
 
     Returns:
         The :class:`EvaluationResult`.
+
+    Raises:
+        ValueError: For mismatched prompts and seeds, a classifier without labels, or an image metric
+            (feature extractor, real features, classifier, CLIP) asked of a video pipeline's clips.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per image.")
@@ -255,6 +274,19 @@ def evaluate(
     start = time.perf_counter()
     images = generate(pipeline, prompts, seeds, batch_size=batch_size, **common)
     seconds_per_image = (time.perf_counter() - start) / len(prompts)
+    if images.ndim == 5:
+        image_metrics = {
+            "feature_extractor": feature_extractor,
+            "real_features": real_features,
+            "classifier": classifier,
+            "clip": clip,
+        }
+        asked = [name for name, value in image_metrics.items() if value is not None]
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)}: image metrics, but the pipeline made clips {tuple(images.shape)}; evaluate "
+                "a video pipeline with latency and paired error only."
+            )
     latency = None
     if latency_repeats > 0:
         timing = time_call(lambda: generate(pipeline, prompts[:1], seeds[:1], **common), repeats=latency_repeats)
@@ -263,6 +295,7 @@ def evaluate(
         name=name or f"{type(pipeline).__name__} {num_inference_steps} steps",
         num_inference_steps=num_inference_steps,
         num_images=len(prompts),
+        num_frames=images.shape[1] if images.ndim == 5 else None,
         latency_s=latency,
         seconds_per_image=seconds_per_image,
         settings=dict(settings or {}),

@@ -1,9 +1,10 @@
-"""Reports of an evaluation: Markdown + JSON table, a labelled PNG image grid, and quality-vs-steps plots.
+"""Reports of an evaluation: Markdown + JSON table, a labelled PNG image grid, quality-vs-steps plots, mp4 clips.
 
 A report is a list of rows (dicts, e.g. :meth:`~.harness.EvaluationResult.to_dict` plus a ``method``
 key). :func:`write_report` writes ``results.md``, ``results.json``, ``grid.png`` (when grid rows are given)
 and ``quality_vs_steps.png`` (when matplotlib is installed: ``pip install "scfm-diffusers[eval]"``) into one
-folder.
+folder. A video evaluation's clips are written as they are made (:func:`write_video`, with imageio:
+``pip install "scfm-diffusers[video]"``) and its table uses :data:`VIDEO_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_COLUMNS",
+    "VIDEO_COLUMNS",
     "image_grid",
     "markdown_table",
     "plot_quality_vs_steps",
+    "require_video_writer",
     "write_report",
+    "write_video",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,17 @@ DEFAULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("paired_rmse", "paired RMSE", "{:.4f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("clip_score", "CLIP", "{:.2f}"),
+)
+
+#: The table of a video evaluation: frames per clip, and latency in seconds per clip.
+VIDEO_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
+    column
+    for key, header, fmt in DEFAULT_COLUMNS
+    for column in (
+        [(key, header, fmt), ("num_frames", "frames", "{}")]
+        if key == "num_inference_steps"
+        else [(key, "latency s/clip" if key == "latency_s" else header, fmt)]
+    )
 )
 
 
@@ -74,6 +89,40 @@ def _to_uint8(images: Tensor) -> np.ndarray:
     if array.shape[1] == 1:
         array = np.repeat(array, 3, axis=1)
     return (array.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+def require_video_writer() -> None:
+    """Raise ``ImportError`` naming the extra when imageio or its ffmpeg (what :func:`write_video` needs) is missing.
+
+    Call it before an evaluation whose clips will be written, so that it fails before the sampling, not after.
+    """
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f'Writing videos needs imageio and imageio-ffmpeg ({error.name} is missing): pip install "scfm-diffusers[video]".'
+        ) from error
+
+
+def write_video(path: str | Path, frames: Tensor, *, fps: int = 16) -> Path:
+    """Write one clip as an mp4 with diffusers' ``export_to_video`` (imageio's ffmpeg, quality 5).
+
+    Args:
+        path: The ``.mp4`` file (its folder is created).
+        frames: ``(F, C, H, W)`` in [0, 1]; rounded to 8 bits.
+        fps: Frames per second (Wan: 16).
+
+    Returns:
+        ``path``.
+    """
+    require_video_writer()
+    from diffusers.utils import export_to_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video([PIL.Image.fromarray(frame) for frame in _to_uint8(frames)], str(path), fps=fps)
+    return path
 
 
 def image_grid(
@@ -116,10 +165,11 @@ def plot_quality_vs_steps(rows: Sequence[Mapping[str, Any]], path: str | Path) -
     """Plot FD (vs real when present, else vs teacher) and paired RMSE against steps, one line per method.
 
     Rows need ``method`` and ``num_inference_steps``; rows of a method with a single step count (e.g. the
-    many-step teacher) are drawn as horizontal dashed reference lines. Uses matplotlib's Agg backend.
+    many-step teacher) are drawn as horizontal dashed reference lines. A metric no row has (FD of a video
+    evaluation) gets no panel. Uses matplotlib's Agg backend.
 
     Returns:
-        ``path``, or None when matplotlib is not installed (and logged).
+        ``path``, or None when matplotlib is not installed (and logged) or no row has either metric.
     """
     try:
         import matplotlib
@@ -131,9 +181,15 @@ def plot_quality_vs_steps(rows: Sequence[Mapping[str, Any]], path: str | Path) -
         return None
     fd_key = "fd_vs_real" if any(r.get("fd_vs_real") is not None for r in rows) else "fd_vs_teacher"
     panels = [
-        (fd_key, "FD vs real data" if fd_key == "fd_vs_real" else "FD vs teacher"),
-        ("paired_rmse", "paired RMSE vs teacher"),
+        (key, title)
+        for key, title in (
+            (fd_key, "FD vs real data" if fd_key == "fd_vs_real" else "FD vs teacher"),
+            ("paired_rmse", "paired RMSE vs teacher"),
+        )
+        if any(r.get(key) is not None for r in rows)
     ]
+    if not panels:
+        return None
     methods = list(dict.fromkeys(r["method"] for r in rows))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for axis, (key, title) in zip(np.atleast_1d(axes), panels):

@@ -16,24 +16,27 @@ from __future__ import annotations
 
 import diffusers
 
-from .base import ConditioningConfig, Family, VelocityFn
+from .base import ConditioningConfig, Family, LoraExperts, VelocityFn, pipeline_samples
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2klein import Flux2KleinFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
+from .wan import WanFamily
 from .zimage import ZImageFamily
 
 __all__ = [
     "FAMILIES",
     "ConditioningConfig",
     "Family",
+    "LoraExperts",
     "VelocityFn",
     "available_families",
     "family_of_class_name",
     "family_of_pipeline",
     "family_of_transformer",
     "get_family",
+    "pipeline_samples",
 ]
 
 #: name -> family. The one registry: pipelines, training, adapters and tests all read it.
@@ -46,6 +49,7 @@ FAMILIES: dict[str, Family] = {
         Flux2KleinFamily(),
         ZImageFamily(),
         ChromaFamily(),
+        WanFamily(),
     )
 }
 
@@ -71,7 +75,10 @@ def get_family(name: str) -> Family:
 
 
 def family_of_transformer(transformer) -> Family:
-    """Return the family of a diffusers transformer instance (also when it carries peft adapters)."""
+    """Return the family of a diffusers transformer instance (also when it carries peft adapters, or is a
+    :class:`~scfm_diffusers.families.base.LoraExperts` of several)."""
+    if isinstance(transformer, LoraExperts):
+        transformer = next(iter(transformer.experts().values()))
     for family in available_families():
         if isinstance(transformer, family.transformer_class):
             return family

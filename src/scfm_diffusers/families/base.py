@@ -14,6 +14,7 @@ Adding a family is one file with a subclass and one line in :mod:`scfm_diffusers
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -21,7 +22,15 @@ from typing import Any, ClassVar, Literal
 import diffusers
 import torch
 
-__all__ = ["ConditioningConfig", "Family", "VelocityFn", "model_dtype", "present_modules"]
+__all__ = [
+    "ConditioningConfig",
+    "Family",
+    "LoraExperts",
+    "VelocityFn",
+    "model_dtype",
+    "pipeline_samples",
+    "present_modules",
+]
 
 #: ``fn(x_sigma (B', ...), sigma (B',), rows (B',) long) -> velocity (B', ...)`` in the objective's convention.
 #: ``rows`` index the original batch, so the callable can slice per-sample conditioning.
@@ -64,11 +73,70 @@ def present_modules(transformer: torch.nn.Module, names: tuple[str, ...] | list[
     return [n for n in names if any(m == n or m.endswith("." + n) for m in modules)]
 
 
+def pipeline_samples(output: Any) -> Any:
+    """What a pipeline call made: ``output.images`` of an image pipeline, ``output.frames`` of a video one.
+
+    With ``output_type="pt"`` a tensor ``(B, 3, H, W)`` or ``(B, F, 3, H, W)``; with ``"pil"`` a list of images or
+    of frame lists.
+    """
+    return output.frames if hasattr(output, "frames") else output.images
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of a (possibly accelerate-wrapped) model's frozen floating weights: inputs are cast to it."""
     module = getattr(model, "module", model)
     floating = [p for p in module.parameters() if p.is_floating_point()]
     return next((p.dtype for p in floating if not p.requires_grad), floating[0].dtype)  # LoRA weights train in fp32
+
+
+class LoraExperts(torch.nn.Module):
+    """Several transformers of one pipeline (a model's experts) trained as ONE module with one set of adapters.
+
+    A subclass names the experts (pipeline components, held as submodules of the same names) and routes each call
+    (:meth:`forward`). The rest of the training code sees one module: peft adapters are added to every expert
+    alike (the student, the EMAs; the teacher is all adapters disabled), each LoRA tensor's name starts with its
+    expert's, and :func:`scfm_diffusers.save_adapter` writes one weights file per expert.
+
+    Attributes:
+        weight_names: Pipeline component -> its LoRA weights file in an adapter folder (None: the usual
+            ``pytorch_lora_weights.safetensors``).
+    """
+
+    weight_names: ClassVar[dict[str, str | None]]
+
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """Pipeline component name -> expert, in :attr:`weight_names` order."""
+        return {name: getattr(self, name) for name in self.weight_names}
+
+    @property
+    def config(self) -> Any:
+        """The first expert's config (the experts share their architecture)."""
+        return next(iter(self.experts().values())).config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The first expert's dtype."""
+        return next(iter(self.experts().values())).dtype
+
+    @property
+    def peft_config(self) -> dict:
+        """The adapters' configs (the same on every expert)."""
+        return next(iter(self.experts().values())).peft_config
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """Add the same peft adapter to every expert (each gets its own copy of the config)."""
+        for expert in self.experts().values():
+            expert.add_adapter(copy.deepcopy(adapter_config), adapter_name=adapter_name)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Gradient checkpointing in every expert."""
+        for expert in self.experts().values():
+            expert.enable_gradient_checkpointing()
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        """xformers attention in every expert."""
+        for expert in self.experts().values():
+            expert.enable_xformers_memory_efficient_attention()
 
 
 class Family:
@@ -96,6 +164,9 @@ class Family:
             (its VAE does not downsample).
         gradient_checkpointing_issue: Why ``--gradient_checkpointing`` must not be used with this family (a
             diffusers bug that changes the model's output under checkpointing), or None.
+        modality: ``"image"`` or ``"video"`` (the pipeline takes ``num_frames`` and returns ``frames``).
+        frame_multiple: Video: ``num_frames`` must be ``frame_multiple·k + 1`` (the VAE's time compression).
+        tiny_num_frames: Video: frames of the tiny pipeline's clips in tests.
     """
 
     name: ClassVar[str]
@@ -112,6 +183,9 @@ class Family:
     latent_patch: ClassVar[int] = 16
     tiny_resolution: ClassVar[int] = 32
     gradient_checkpointing_issue: ClassVar[str | None] = None
+    modality: ClassVar[Literal["image", "video"]] = "image"
+    frame_multiple: ClassVar[int | None] = None
+    tiny_num_frames: ClassVar[int | None] = None
 
     # ---------------------------------------------------------------------------------------------------
     # Classes
@@ -153,6 +227,30 @@ class Family:
         the share of resolution-dependent shifts and, for a family whose scheduler differs from Flux's, its
         dynamic-shift constants."""
         return {"dynamic_shift_prob": self.dynamic_shift_prob}
+
+    @property
+    def output_name(self) -> str:
+        """The pipeline output's field: ``"images"``, or ``"frames"`` for video."""
+        return "frames" if self.modality == "video" else "images"
+
+    def frame_kwargs(self, num_frames: int | None) -> dict[str, int]:
+        """Pipeline ``__call__`` arguments for ``num_frames`` (``{}`` for an image family or None)."""
+        if self.modality != "video" or num_frames is None:
+            return {}
+        self.check_num_frames(num_frames)
+        return {"num_frames": num_frames}
+
+    def check_num_frames(self, num_frames: int) -> None:
+        """Refuse a frame count this family cannot encode (an image family takes one frame)."""
+        if self.modality == "image" and num_frames != 1:
+            raise ValueError(
+                f"{self.name} is an image model family: it takes no --num_frames (got {num_frames}). Train a video "
+                "family (wan) on clips, or leave --num_frames out for images."
+            )
+
+    def trained_module(self, pipeline: Any) -> torch.nn.Module:
+        """The module training puts the LoRA on: ``pipeline.transformer``, or a :class:`LoraExperts` of several."""
+        return pipeline.transformer
 
     # ---------------------------------------------------------------------------------------------------
     # LoRA

@@ -10,10 +10,15 @@ A ``checkpoint-N/`` folder is
   ``weights_only=True``: tensors and numbers only, never pickled code); accelerate's ``save_state`` adds
   optimizer, lr schedule, data order and global RNG states.
 
-Never the frozen base weights: the hooks drop the model weights accelerate would save, and under DeepSpeed
-``save_state`` gets ``exclude_frozen_parameters=True``. A folder is written as ``checkpoint-N.partial`` and
-renamed once every process is done; only then are old checkpoints pruned (``--checkpoints_total_limit``), so a
-run killed while saving keeps its previous checkpoint, and a ``.partial`` folder is never resumed from.
+Never the frozen base weights (the hooks drop the model weights accelerate would save, and under DeepSpeed
+``save_state`` gets ``exclude_frozen_parameters=True``), except under FSDP, where accelerate's ``save_state`` itself
+writes the whole sharded transformer, base included (``pytorch_model_fsdp*``; docs/training.md). Under FSDP2 the
+LoRA tensors are sharded: the hooks gather whole ones on every rank (a collective) before the main process writes,
+and on resume each rank takes its own rows of them (:mod:`scfm_diffusers.training.distributed`).
+
+A folder is written as ``checkpoint-N.partial`` and renamed once every process is done; only then are old
+checkpoints pruned (``--checkpoints_total_limit``), so a run killed while saving keeps its previous checkpoint, and
+a ``.partial`` folder is never resumed from.
 
 Example:
     >>> register_checkpoint_hooks(accelerator, transformer, ema, rng=rng, record=record, state=state,
@@ -42,7 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .._files import reporting_disk_full
-from .ema import DualLoraEMA, lora_parameters
+from .distributed import copy_full_, full_tensors
+from .ema import DualLoraEMA
 
 __all__ = [
     "RUN_FILE",
@@ -93,23 +99,26 @@ def register_checkpoint_hooks(
         record: What a resuming run must share with the saved one (JSON-serialisable, nested dicts allowed:
             :func:`~scfm_diffusers.training.components.run_record`).
         state: Mutable per-process state saved alongside (``{"stream_rows": int}`` for streamed data).
-        write_adapter: ``folder -> None``, writes the student's adapter folder (weights, settings, scheduler).
+        write_adapter: ``(folder, lora_state_dict=...) -> None``, writes the student's adapter folder with these LoRA
+            tensors (weights, settings, scheduler).
     """
 
     def save_hook(models, weights, folder):
-        if weights:  # DeepSpeed saves its own engine state and passes no weights
+        if weights:  # DeepSpeed and FSDP save their own model state and pass no weights
             weights.pop()
+        # Whole tensors on every rank first: gathering sharded (FSDP2) tensors is a collective.
+        adapter = ema.adapter_state_dict("student")
+        student = {f"student.{k}": v.float() for k, v in full_tensors(ema.parameters("student")).items()}
+        emas = ema.state_dict()
         if accelerator.is_main_process:
-            write_adapter(folder)
-            student = lora_parameters(transformer, ema.student_adapter)
-            tensors = {f"student.{k}": p.detach().float().cpu() for k, p in student.items()}
-            save_file({**tensors, **ema.state_dict()}, os.path.join(folder, STATE_FILE))
+            write_adapter(folder, lora_state_dict=adapter)
+            save_file({**student, **emas}, os.path.join(folder, STATE_FILE))
             Path(folder, RUN_FILE).write_text(json.dumps(record, indent=2))
         process_state = {"rng": rng.get_state(), "stream_rows": state.get("stream_rows", 0)}
         torch.save(process_state, _rng_file(folder, accelerator.process_index))
 
     def load_hook(models, folder):
-        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        if models:  # DeepSpeed and FSDP restore their own model state and pass no models
             models.pop()
         saved = json.loads(Path(folder, RUN_FILE).read_text()) if Path(folder, RUN_FILE).is_file() else {}
         differences = record_differences(saved, record)
@@ -118,10 +127,9 @@ def register_checkpoint_hooks(
                 f"{folder} is a checkpoint of another run: {'; '.join(differences)}. Resume with the flags and data "
                 "of that run, point --resume_from_checkpoint at a checkpoint of this run, or use another --output_dir."
             )
-        tensors = load_file(os.path.join(folder, STATE_FILE))
-        with torch.no_grad():
-            for key, param in lora_parameters(transformer, ema.student_adapter).items():
-                param.copy_(tensors.pop(f"student.{key}"))
+        tensors = load_file(os.path.join(folder, STATE_FILE))  # whole tensors on every rank
+        for key, param in ema.parameters("student").items():
+            copy_full_(param, tensors.pop(f"student.{key}"))
         ema.load_state_dict(tensors)
         # Tensors and numbers only: a crafted file cannot run code (torch < 2.6 unpickles anything by default).
         process_state = torch.load(_rng_file(folder, accelerator.process_index), weights_only=True)

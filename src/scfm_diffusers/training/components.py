@@ -24,11 +24,13 @@ from ..families import Family, family_of_class_name
 from ..hub import base_model_hub_id, base_model_identity, check_hub_repo_id, create_adapter_repo
 from .checkpoints import content_identity, files_identity
 from .config import conditioning_config, grid_config
+from .distributed import checkpoint_blocks
 from .quantization import check_distributed_support, load_quantized_transformer
 
 __all__ = [
     "check_launch",
     "configure_deepspeed",
+    "configure_fsdp",
     "configure_transformer",
     "create_hub_repo",
     "load_base_model",
@@ -46,6 +48,9 @@ def load_base_model(
     args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
 ) -> tuple[Any, Family]:
     """The base pipeline (frozen, on the device except offloaded encoders) and its family (``model_index.json``).
+
+    Under FSDP the trained transformer stays on the CPU until ``accelerator.prepare`` shards it onto the GPUs (except
+    in data-free runs, whose teacher draws images with it first).
 
     Raises:
         ValueError: Before any weights are read: --resolution is not a multiple of the family's latent patch, or
@@ -81,7 +86,14 @@ def load_base_model(
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     # With --offload the encoders wait on the CPU and visit the GPU only to encode.
-    resident = [pipe.transformer] if args.offload else [m for m in pipe.components.values() if hasattr(m, "to")]
+    resident = (
+        [family.trained_module(pipe)] if args.offload else [m for m in pipe.components.values() if hasattr(m, "to")]
+    )
+    if accelerator.distributed_type == DistributedType.FSDP and not args.prompts_file:
+        # accelerator.prepare moves each rank's shard to its GPU, so no GPU ever holds the whole base. (Data-free
+        # runs keep it whole there: the teacher draws the training images before it is sharded.)
+        trained = set(family.trained_module(pipe).modules())
+        resident = [module for module in resident if module not in trained]
     for module in resident:
         module.to(accelerator.device)
     return pipe, family
@@ -118,9 +130,25 @@ def student_lora_config(args: argparse.Namespace, family: Family, transformer: t
     )
 
 
-def configure_transformer(args: argparse.Namespace, transformer: torch.nn.Module) -> None:
-    """--gradient_checkpointing and --enable_xformers_memory_efficient_attention (CUDA only: a clear error on CPU)."""
-    if args.gradient_checkpointing:
+def configure_transformer(
+    args: argparse.Namespace, transformer: torch.nn.Module, accelerator: Accelerator | None = None
+) -> None:
+    """--gradient_checkpointing and --enable_xformers_memory_efficient_attention (CUDA only: a clear error on CPU).
+
+    Under FSDP, --gradient_checkpointing (or ``fsdp_activation_checkpointing: true`` in the accelerate config, which
+    is then handled here instead of by accelerate) checkpoints each block that FSDP shards, keeping parameter names
+    (:func:`~scfm_diffusers.training.distributed.checkpoint_blocks` says why neither diffusers' nor accelerate's way).
+    """
+    sharded = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+    plugin = accelerator.state.fsdp_plugin if sharded else None
+    if plugin is not None and (args.gradient_checkpointing or plugin.activation_checkpointing):
+        plugin.activation_checkpointing = False
+        blocks = plugin.transformer_cls_names_to_wrap or {
+            name for module in transformer.modules() for name in getattr(module, "_no_split_modules", None) or ()
+        }
+        count = checkpoint_blocks(transformer, blocks)
+        logger.info(f"Activation checkpointing of {count} sharded blocks ({', '.join(sorted(blocks))}).")
+    elif args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         if not torch.cuda.is_available():
@@ -138,6 +166,17 @@ def configure_deepspeed(accelerator: Accelerator, max_grad_norm: float, micro_ba
         ds_config["gradient_clipping"] = max_grad_norm
     if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+
+
+def configure_fsdp(accelerator: Accelerator) -> None:
+    """FSDP2 in bf16/fp16: reduce the gradients in float32, as DDP does. accelerate's policy reduces them in the
+    training precision; only the LoRA has gradients, a few MB, so float32 costs next to nothing."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if policy is not None and getattr(policy, "reduce_dtype", None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -224,20 +263,43 @@ def create_hub_repo(args: argparse.Namespace, accelerator: Accelerator) -> str:
     return outcome[0]
 
 
-def check_launch(distributed_type: DistributedType, quantize_base: str | None) -> None:
+def check_launch(
+    distributed_type: DistributedType, quantize_base: str | None, fsdp_version: int | None = None
+) -> None:
     """Refuse launches this script cannot train correctly, before anything is loaded.
 
-    FSDP: accelerate runs it only on accelerators (on CPU it errors or silently falls back to DDP), so this
-    project cannot test it, and the EMA adapters and checkpoint hooks assume whole LoRA tensors on every
-    process. A quantized base cannot be wrapped by DeepSpeed (or FSDP) either.
+    FSDP must be FSDP2 (``fsdp_version: 2``): FSDP1 flattens the parameters of each wrapped block into one
+    ``FlatParameter``, where the frozen base, the trainable student LoRA and the never-trained EMA LoRAs of that
+    block cannot be told apart (it refuses mixed ``requires_grad`` without ``use_orig_params``), and the gathering of
+    whole LoRA tensors for files works on FSDP2's ``DTensor`` parameters. A quantized base cannot be sharded (FSDP)
+    or wrapped by DeepSpeed.
+
+    Args:
+        distributed_type: accelerate's ``DistributedType`` of the launch.
+        quantize_base: The ``--quantize_base`` value (None: the base in the training precision).
+        fsdp_version: The FSDP plugin's ``fsdp_version`` under FSDP (``distributed.fsdp_version(accelerator)``).
+
+    Raises:
+        NotImplementedError: FSDP other than version 2.
+        ValueError: A quantized base with FSDP or DeepSpeed.
     """
     if distributed_type == DistributedType.FSDP:
-        raise NotImplementedError(
-            "FSDP is not supported by examples/train_scfm_lora.py yet (untestable without GPUs, and the EMA adapters "
-            "and checkpoints expect whole LoRA tensors). For a base that does not fit one GPU, train on a quantized "
-            "base (--quantize_base nf4) with one process or DDP, or use DeepSpeed ZeRO-2 "
-            "(examples/configs/deepspeed_zero2.yaml); see docs/quantization.md."
-        )
+        if fsdp_version != 2:
+            raise NotImplementedError(
+                f"FSDP{fsdp_version or ''} is not supported by examples/train_scfm_lora.py: use FSDP2 (fsdp_version: 2 "
+                "in the accelerate config, or --fsdp_version 2), as in examples/configs/fsdp2_flux.yaml. FSDP1 flattens "
+                "each block's parameters into one, where the frozen base and the student and EMA LoRAs cannot be "
+                "told apart."
+            )
+        if quantize_base:
+            raise ValueError(
+                f"--quantize_base {quantize_base} cannot be sharded with FSDP: FSDP2's fully_shard fails on torchao's "
+                "quantized weights, and accelerate leaves bitsandbytes' 4-bit weights (uint8 storage, as "
+                "--quantize_base loads them) out of the sharding, whole on every GPU, so FSDP would shard nothing of "
+                "the base. Shard the bf16 base instead (drop --quantize_base, keep FSDP), or train the quantized base "
+                "with plain data parallelism (examples/configs/multi_gpu.yaml): only the LoRA trains, so each GPU "
+                "holds one quantized copy and nothing else of size."
+            )
     if quantize_base:
         check_distributed_support(quantize_base, distributed_type)
 
@@ -265,6 +327,8 @@ def run_record(args: argparse.Namespace, family: Family, lora_config: LoraConfig
         "cache_dtype": args.cache_dtype,
         "streaming": args.streaming,
     }
+    if args.num_frames is not None:  # clips (absent for image runs: their checkpoints from before still resume)
+        data["video"] = [args.num_frames, args.video_fps, args.video_column]
     if args.prompts_file:  # data-free: the teacher's images are the data
         data["teacher"] = [
             args.teacher_num_inference_steps,

@@ -86,10 +86,25 @@ class DataArgs:
 
     dataset_name: str | None = arg(None, "`datasets` dataset: Hub id, local folder or builder (webdataset, parquet).")
     dataset_config_name: str | None = arg(None, "Config name of --dataset_name.")
-    train_data_dir: str | None = arg(None, "Image folder with metadata.jsonl (file_name, text).")
+    train_data_dir: str | None = arg(
+        None, "Folder of images or video clips (.mp4 .webm .mkv .mov .avi) with metadata.jsonl (file_name, text)."
+    )
     data_files: list[str] | None = arg(None, "Files for --dataset_name's builder (e.g. webdataset .tar shards).")
     image_column: str = arg("image", "Dataset column with the images.")
     caption_column: str = arg("text", "Dataset column with the captions.")
+    video_column: str = arg("video", "Dataset column with the video clips (file paths or bytes), with --num_frames.")
+    num_frames: int | None = arg(
+        None,
+        "Video: frames per training clip (default: image data; needed for clips). The family checks the count: "
+        "Wan needs 4k+1 (e.g. 81, 49, 33); --num_frames 1 trains a video family on images.",
+        min=1,
+    )
+    video_fps: float | None = arg(
+        None,
+        "Video: frame rate the clips are resampled to, by picking the nearest frame (default: each clip's own; "
+        "Wan 2.1 was trained at 16).",
+        above=0,
+    )
     max_train_samples: int | None = arg(None, "Use at most this many pairs (shuffled with --seed first).", min=1)
     prompts_file: str | None = arg(None, "Data-free mode: one prompt per line; the teacher draws the images.")
     teacher_num_inference_steps: int = arg(32, "Teacher steps for data-free images.", min=1, max=MAX_STEPS)
@@ -198,7 +213,8 @@ class AdapterArgs:
     )
     lora_scale: float = arg(1.0, "LoRA scale at inference where none is calibrated.", min=0)
     validation_prompt: str | None = arg(None, "Prompt sampled during training (as in diffusers).")
-    num_validation_images: int = arg(4, "Images of --validation_prompt.", min=1)
+    num_validation_images: int = arg(4, "Images (clips) of --validation_prompt.", min=1)
+    validation_fps: int = arg(16, "Frame rate of the validation videos of a video family (Wan: 16).", min=1)
     validation_steps: int = arg(200, "Validate every N steps.", min=1)
     calibration_prompts: list[str] | None = arg(
         None, "Prompts of the LoRA-scale calibration after training (default: --validation_prompt)."
@@ -375,6 +391,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.streaming and args.num_train_epochs:
         parser.error("a stream has no epochs: give --max_train_steps with --streaming, not --num_train_epochs.")
+    if args.aspect_ratio_buckets and (args.num_frames or 1) > 1:
+        parser.error(
+            "--aspect_ratio_buckets is for images: clips (--num_frames > 1) are cropped to --resolution squares."
+        )
     if args.data_files and not args.dataset_name:
         parser.error(
             "--data_files goes with --dataset_name (e.g. --dataset_name webdataset --data_files 'shards/*.tar')."

@@ -8,6 +8,9 @@ Sources, as in the diffusers example scripts:
 * data-free: images the teacher generates from a prompt list (:func:`read_prompts` and
   :mod:`scfm_diffusers.training.teacher_data`), written as such an image folder.
 
+Video clips (``--num_frames``) come from the same sources and go through the same views, cache and stream:
+:mod:`scfm_diffusers.training.video` decodes them; here :class:`CaptionPreprocessor` is what both share.
+
 Rows are decoded with PIL (unreadable files, and images smaller than the smallest bucket, are skipped,
 counted and named), resized and cropped to ``(3, H, W)`` pixels in ``[-1, 1]``
 (:class:`ImageCaptionPreprocessor`): a ``resolution`` square, or the aspect-ratio bucket closest to the
@@ -39,17 +42,21 @@ import datasets
 import PIL.Image
 import PIL.ImageOps
 import torch
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from .._files import read_prompts
 from .buckets import INTERPOLATION_MODES, assign_bucket, resize_and_crop
 
 __all__ = [
+    "VIDEO_EXTENSIONS",
     "CaptionError",
+    "CaptionPreprocessor",
     "ImageCaptionPreprocessor",
     "ImageCaptionSample",
     "ImageCaptionSamples",
     "SkippedImage",
     "StreamingBatches",
+    "folder_media_kind",
     "load_image_caption_dataset",
     "read_prompts",
     "row_generator",
@@ -59,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 #: Files the ``imagefolder`` loader reads captions from.
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+#: Clip files of a ``--train_data_dir`` (a folder of them is video data; see :func:`folder_media_kind`).
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+# Image files as `datasets`' imagefolder reads them, less the MPEG names PIL claims (they are video).
+_IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS) - {".mpg", ".mpeg"}
 # Errors PIL and the file system raise for missing, truncated or non-image files.
 _UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 # Streams of row_generator: each random choice of a row has its own, so one never shifts another.
@@ -126,7 +137,8 @@ def load_image_caption_dataset(
         streamed data set does not declare its columns).
 
     Raises:
-        ValueError: Neither or both sources given, a column missing, or a folder without metadata file.
+        ValueError: Neither or both sources given, a column missing, a folder without metadata file, or a folder
+            of video clips (or of clips and images).
         FileNotFoundError: ``train_data_dir`` does not exist.
     """
     if (dataset_name is None) == (train_data_dir is None):
@@ -139,6 +151,11 @@ def load_image_caption_dataset(
         folder = Path(train_data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"--train_data_dir {str(folder)!r} is not a directory.")
+        if folder_media_kind(folder) == "video":
+            raise ValueError(
+                f"--train_data_dir {str(folder)!r} holds video clips: give --num_frames (frames per clip; Wan needs "
+                "4k+1, e.g. 81) to train on them (scfm_diffusers.training.video.load_video_caption_dataset)."
+            )
         if not any(next(folder.rglob(name), None) for name in METADATA_FILES):
             raise ValueError(
                 f"--train_data_dir {str(folder)!r} has no metadata.jsonl. Add one with a JSON line per image "
@@ -149,14 +166,57 @@ def load_image_caption_dataset(
     else:
         files = [data_files] if isinstance(data_files, str) else data_files
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, data_files=files, **options)
+    return _checked_and_selected(
+        dataset,
+        ((image_column, "--image_column"), (caption_column, "--caption_column")),
+        max_train_samples=max_train_samples,
+        seed=seed,
+        streaming=streaming,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
 
-    columns = dataset.column_names
-    if columns is None:  # a streamed data set without declared features: look at the first row
-        columns = list(next(iter(dataset.take(1)), {}).keys())
-    for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
-        if column not in columns:
+
+def folder_media_kind(folder: str | os.PathLike) -> str | None:
+    """What a data folder holds: ``"video"`` (files of :data:`VIDEO_EXTENSIONS`), ``"image"``, or None (neither).
+
+    Hidden files and folders (e.g. a download's ``.cache``) are left out.
+
+    Raises:
+        ValueError: The folder holds both images and clips (naming one of each): one run trains on one kind.
+    """
+    folder = Path(folder)
+    examples: dict[str, Path] = {}
+    for path in folder.rglob("*"):
+        suffix = path.suffix.lower()
+        kind = "video" if suffix in VIDEO_EXTENSIONS else "image" if suffix in _IMAGE_EXTENSIONS else None
+        if kind is None or kind in examples or any(p.startswith(".") for p in path.relative_to(folder).parts):
+            continue
+        examples[kind] = path
+        if len(examples) == 2:
             raise ValueError(
-                f"Column {column!r} not found in the dataset; its columns are {columns}. "
+                f"{str(folder)!r} holds both images (e.g. {examples['image'].relative_to(folder)}) and video clips "
+                f"(e.g. {examples['video'].relative_to(folder)}): a run trains on one kind; put them in two folders."
+            )
+    return next(iter(examples), None)
+
+
+def _checked_and_selected(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    columns: Sequence[tuple[str, str]],
+    *,
+    max_train_samples: int | None,
+    seed: int | None,
+    streaming: bool,
+    shuffle_buffer_size: int,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The loaded data set once ``columns`` (``(column, flag)`` pairs) are checked, cut to ``max_train_samples`` rows."""
+    names = dataset.column_names
+    if names is None:  # a streamed data set without declared features: look at the first row
+        names = list(next(iter(dataset.take(1)), {}).keys())
+    for column, flag in columns:
+        if column not in names:
+            raise ValueError(
+                f"Column {column!r} not found in the dataset; its columns are {names}. "
                 f"Set {flag} to the column that holds the {flag[2:].split('_')[0]}s."
             )
     if max_train_samples is not None:
@@ -179,7 +239,8 @@ class ImageCaptionSample(NamedTuple):
     """One preprocessed training pair.
 
     Attributes:
-        pixel_values: ``(3, H, W)`` float32 in ``[-1, 1]`` (the square or the row's bucket).
+        pixel_values: ``(3, H, W)`` float32 in ``[-1, 1]`` (the square or the row's bucket); a clip's
+            ``(3, F, H, W)`` (:class:`~scfm_diffusers.training.video.VideoCaptionPreprocessor`).
         caption: The caption.
         index: The row in the data set (in a stream: the running example number).
     """
@@ -191,13 +252,14 @@ class ImageCaptionSample(NamedTuple):
 
 @dataclass(frozen=True)
 class SkippedImage:
-    """An image that was not used.
+    """An image (or video clip) that was not used.
 
     Attributes:
         index: Row in the dataset.
         source: The file path, or ``"row <index>"`` for images stored as bytes without a path.
         error: What was wrong, as text.
-        reason: ``"unreadable"`` (decoding failed) or ``"too small"`` (smaller than every bucket).
+        reason: ``"unreadable"`` (decoding failed), ``"too small"`` (smaller than every bucket) or, for a clip,
+            ``"too short"`` (fewer frames than ``--num_frames`` at ``--video_fps``).
     """
 
     index: int
@@ -218,7 +280,73 @@ class CaptionError(ValueError):
     with a caption that is not the data's)."""
 
 
-class ImageCaptionPreprocessor:
+class CaptionPreprocessor:
+    """What the data views (:class:`ImageCaptionSamples`, :class:`StreamingBatches`, the latent cache) need of a
+    row preprocessor: the columns, the seed, the caption rules, and :meth:`process`, which subclasses implement
+    (:class:`ImageCaptionPreprocessor`; :class:`~scfm_diffusers.training.video.VideoCaptionPreprocessor`).
+
+    Attributes:
+        column: The column holding the images or clips.
+        caption_column: The column holding the captions.
+        seed: Seed of every per-row random choice (:func:`row_generator`).
+        kind: What a row holds, in messages (``"image"``, ``"clip"``).
+        column_flag: The flag that sets :attr:`column`, named in errors.
+        rows_per_read: Rows read from the data set at once (None: a whole block of up to 256; clips stored as
+            bytes are large, so video reads one row at a time).
+    """
+
+    column: str
+    caption_column: str
+    seed: int
+    kind = "image"
+    column_flag = "--image_column"
+    rows_per_read: int | None = None
+
+    def caption(self, value: Any, index: int, source: str | None = None) -> str:
+        """Return the caption of row ``index``; draws one (seeded by the row) if the row holds a list.
+
+        Raises:
+            CaptionError: The caption is null, bytes that are not UTF-8, or not text; the message names the row
+                (and ``source``, its image, when given) and the fix.
+        """
+        row = f"Row {index}" + (f" ({source})" if source else "")
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            choice = torch.randint(len(value), (), generator=row_generator(self.seed, index, CAPTION_STREAM))
+            return value[int(choice)]
+        if value is None:
+            raise CaptionError(
+                f"{row} has no caption (column {self.caption_column!r} is null): write its caption in the data "
+                f'(e.g. its metadata.jsonl line), or "" to train that {self.kind} without a prompt.'
+            )
+        if isinstance(value, bytes):  # WebDataset .txt entries
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CaptionError(
+                    f"{row}: the caption is not UTF-8 text (byte 0x{value[error.start]:02x} at {error.start}); "
+                    "save the captions as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+        if not isinstance(value, str):
+            raise CaptionError(
+                f"{row}: caption column {self.caption_column!r} holds {value!r}; expected a string or a "
+                "list of strings (set --caption_column)."
+            )
+        return value
+
+    def process(self, entry: Any, caption: Any, index: int) -> ImageCaptionSample | SkippedImage:
+        """Decode and preprocess one row: the sample, or why it was skipped (logged as a warning)."""
+        raise NotImplementedError
+
+    def undecoded(self, dataset: datasets.Dataset | datasets.IterableDataset):
+        """``dataset`` with :attr:`column` left as bytes / paths, so that a failing file can be named."""
+        return dataset
+
+    def __call__(self, dataset: datasets.Dataset) -> ImageCaptionSamples:
+        """Wrap ``dataset`` into a lazy, random-access view of :class:`ImageCaptionSample` s."""
+        return ImageCaptionSamples(dataset, self)
+
+
+class ImageCaptionPreprocessor(CaptionPreprocessor):
     """Decode, resize and crop images to ``(3, H, W)`` tensors in ``[-1, 1]``, like the diffusers scripts.
 
     Without ``buckets`` every image becomes a ``resolution`` square: the shorter side is resized to
@@ -265,6 +393,10 @@ class ImageCaptionPreprocessor:
         self.seed = seed
         self.buckets = tuple(tuple(bucket) for bucket in buckets) if buckets else None
 
+    @property
+    def column(self) -> str:
+        return self.image_column
+
     def transform(self, image: PIL.Image.Image, index: int = 0) -> torch.Tensor:
         """Turn the PIL image of row ``index`` into a ``(3, H, W)`` float32 tensor in ``[-1, 1]``.
 
@@ -290,37 +422,6 @@ class ImageCaptionPreprocessor:
             interpolation=self.interpolation,
         )
 
-    def caption(self, value: Any, index: int, source: str | None = None) -> str:
-        """Return the caption of row ``index``; draws one (seeded by the row) if the row holds a list.
-
-        Raises:
-            CaptionError: The caption is null, bytes that are not UTF-8, or not text; the message names the row
-                (and ``source``, its image, when given) and the fix.
-        """
-        row = f"Row {index}" + (f" ({source})" if source else "")
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-            choice = torch.randint(len(value), (), generator=row_generator(self.seed, index, CAPTION_STREAM))
-            return value[int(choice)]
-        if value is None:
-            raise CaptionError(
-                f"{row} has no caption (column {self.caption_column!r} is null): write its caption in the data "
-                '(e.g. its metadata.jsonl line), or "" to train that image without a prompt.'
-            )
-        if isinstance(value, bytes):  # WebDataset .txt entries
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise CaptionError(
-                    f"{row}: the caption is not UTF-8 text (byte 0x{value[error.start]:02x} at {error.start}); "
-                    "save the captions as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-                ) from None
-        if not isinstance(value, str):
-            raise CaptionError(
-                f"{row}: caption column {self.caption_column!r} holds {value!r}; expected a string or a "
-                "list of strings (set --caption_column)."
-            )
-        return value
-
     def process(self, entry: Any, caption: Any, index: int) -> ImageCaptionSample | SkippedImage:
         """Decode and preprocess one row: the sample, or why it was skipped (logged as a warning)."""
         caption = self.caption(caption, index, _source(entry, index))  # a bad caption stops the run: not skipped
@@ -333,9 +434,9 @@ class ImageCaptionPreprocessor:
         logger.warning("Skipping %s image %s (row %d): %s", skipped.reason, skipped.source, index, skipped.error)
         return skipped
 
-    def __call__(self, dataset: datasets.Dataset) -> ImageCaptionSamples:
-        """Wrap ``dataset`` into a lazy, random-access view of :class:`ImageCaptionSample` s."""
-        return ImageCaptionSamples(dataset, self)
+    def undecoded(self, dataset: datasets.Dataset | datasets.IterableDataset):
+        """``dataset`` with its image column read as ``datasets.Image(decode=False)`` (bytes and path)."""
+        return _undecoded(dataset, self.image_column)
 
 
 def _open_image(entry: Any) -> PIL.Image.Image:
@@ -376,10 +477,11 @@ class ImageCaptionSamples:
     Each skipped image is logged as a warning naming the file and, when iterated, recorded in
     :attr:`skipped` (reset at the start of each pass). The image column is read with
     ``datasets.Image(decode=False)`` and decoded here with PIL, so the file path is known when decoding fails.
+    The same holds for video clips with a :class:`~scfm_diffusers.training.video.VideoCaptionPreprocessor`.
 
     Args:
         dataset: The dataset, e.g. from :func:`load_image_caption_dataset`.
-        preprocessor: Decoding / cropping settings and the column names.
+        preprocessor: Decoding / cropping settings and the column names (any :class:`CaptionPreprocessor`).
 
     Attributes:
         skipped: The images skipped during the last complete or ongoing pass.
@@ -388,14 +490,14 @@ class ImageCaptionSamples:
         ValueError: (when iterated) every image of a non-empty dataset is unreadable.
     """
 
-    def __init__(self, dataset: datasets.Dataset, preprocessor: ImageCaptionPreprocessor) -> None:
-        for column in (preprocessor.image_column, preprocessor.caption_column):
+    def __init__(self, dataset: datasets.Dataset, preprocessor: CaptionPreprocessor) -> None:
+        for column in (preprocessor.column, preprocessor.caption_column):
             if column not in dataset.column_names:
                 raise ValueError(
                     f"Column {column!r} not found in the dataset; its columns are {dataset.column_names}."
                 )
-        dataset = dataset.select_columns([preprocessor.image_column, preprocessor.caption_column])
-        self.dataset = _undecoded(dataset, preprocessor.image_column)
+        dataset = dataset.select_columns([preprocessor.column, preprocessor.caption_column])
+        self.dataset = preprocessor.undecoded(dataset)
         self.preprocessor = preprocessor
         self.skipped: list[SkippedImage] = []
 
@@ -405,7 +507,7 @@ class ImageCaptionSamples:
 
     def captions(self) -> list[str]:
         """The caption of every row, without decoding a single image (list-valued rows drawn per row)."""
-        column_name, image_column = self.preprocessor.caption_column, self.preprocessor.image_column
+        column_name, image_column = self.preprocessor.caption_column, self.preprocessor.column
         captions = []
         for index, row in enumerate(self.dataset.select_columns([column_name])):
             try:
@@ -416,10 +518,12 @@ class ImageCaptionSamples:
 
     def rows(self, start: int, stop: int) -> Iterator[ImageCaptionSample | SkippedImage]:
         """Rows ``start ≤ i < stop`` decoded and preprocessed: a sample or a :class:`SkippedImage` each."""
-        image_column, caption_column = self.preprocessor.image_column, self.preprocessor.caption_column
-        block = self.dataset[start:stop]
-        for offset, (entry, caption) in enumerate(zip(block[image_column], block[caption_column], strict=True)):
-            yield self.preprocessor.process(entry, caption, start + offset)
+        image_column, caption_column = self.preprocessor.column, self.preprocessor.caption_column
+        step = self.preprocessor.rows_per_read or max(stop - start, 1)
+        for first in range(start, stop, step):
+            block = self.dataset[first : min(stop, first + step)]
+            for offset, (entry, caption) in enumerate(zip(block[image_column], block[caption_column], strict=True)):
+                yield self.preprocessor.process(entry, caption, first + offset)
 
     def sample(self, index: int) -> ImageCaptionSample | SkippedImage:
         """Row ``index`` decoded and preprocessed, or why it was skipped."""
@@ -437,9 +541,10 @@ class ImageCaptionSamples:
                 yield item
         if num_yielded == 0 and len(self.dataset) > 0:
             examples = ", ".join(s.source for s in self.skipped[:3])
+            kind, flag = self.preprocessor.kind, self.preprocessor.column_flag
             raise ValueError(
-                f"All {len(self.dataset)} images of the dataset are unusable (e.g. {examples}; first error: "
-                f"{self.skipped[0].error}). Check the image column (--image_column) and the files."
+                f"All {len(self.dataset)} {kind}s of the dataset are unusable (e.g. {examples}; first error: "
+                f"{self.skipped[0].error}). Check the {kind} column ({flag}) and the files."
             )
 
 
@@ -452,25 +557,26 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     rows wait in a buffer until it has ``batch_size``; the rows left in buffers when the stream ends are
     dropped). Each process reads its own part (``datasets.distributed.split_dataset_by_node``); rows are
     numbered by their position in it, so per-row random choices stay reproducible. Unusable images are
-    skipped, logged and counted in :attr:`num_skipped` (per worker process).
+    skipped, logged and counted in :attr:`num_skipped` (per worker process). Clips (a
+    :class:`~scfm_diffusers.training.video.VideoCaptionPreprocessor`) stream the same way.
 
     Args:
         dataset: A streamed data set, e.g. ``load_image_caption_dataset(..., streaming=True)``.
-        preprocessor: Decoding / cropping settings and the column names.
+        preprocessor: Decoding / cropping settings and the column names (any :class:`CaptionPreprocessor`).
         batch_size: Rows per batch.
         process_index: This process's rank (accelerate's ``process_index``).
         num_processes: The number of processes.
         skip: Rows of this process's part to skip (resuming: the rows already trained on).
 
     Yields:
-        ``{"pixel_values": (B, 3, H, W), "captions": list of B str, "num_rows": rows of the stream read so
-        far (including skipped ones)}``.
+        ``{"pixel_values": (B, 3, H, W) (clips: (B, 3, F, H, W)), "captions": list of B str, "num_rows": rows of
+        the stream read so far (including skipped ones)}``.
     """
 
     def __init__(
         self,
         dataset: datasets.IterableDataset,
-        preprocessor: ImageCaptionPreprocessor,
+        preprocessor: CaptionPreprocessor,
         *,
         batch_size: int,
         process_index: int = 0,
@@ -480,7 +586,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         super().__init__()
         from datasets.distributed import split_dataset_by_node
 
-        dataset = _undecoded(dataset, preprocessor.image_column)
+        dataset = preprocessor.undecoded(dataset)
         if num_processes > 1:
             dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
         self.dataset = dataset.skip(skip) if skip else dataset
@@ -490,7 +596,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.num_skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        image_column, caption_column = self.preprocessor.image_column, self.preprocessor.caption_column
+        image_column, caption_column = self.preprocessor.column, self.preprocessor.caption_column
         buffers: dict[tuple[int, ...], list[ImageCaptionSample]] = {}
         number = self.offset
         for number, row in enumerate(self.dataset, start=self.offset + 1):

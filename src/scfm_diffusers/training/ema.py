@@ -15,6 +15,12 @@ with B = 0, so at step 0 both EMAs equal the teacher.
 Pass the *unwrapped* transformer (``accelerator.unwrap_model(model)``); DDP wrappers are unwrapped here
 too. Target passes run through the unwrapped module under ``torch.no_grad()``; the student pass may go
 through the DDP wrapper, whose parameter set is unchanged because EMA tensors never require grad.
+
+Sharded (FSDP2): ``fully_shard`` replaces every parameter by a sharded copy, so call :meth:`DualLoraEMA.refresh`
+after ``accelerator.prepare``. The update then runs on each rank's rows; :meth:`~DualLoraEMA.state_dict` and
+:meth:`~DualLoraEMA.adapter_state_dict` gather whole tensors (every rank must call them) and
+:meth:`~DualLoraEMA.load_state_dict` takes whole tensors back into the shards
+(:mod:`scfm_diffusers.training.distributed`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .distributed import copy_full_, full_tensors, reshard
 
 __all__ = ["DualLoraEMA", "lora_parameters"]
 
@@ -107,17 +115,31 @@ class DualLoraEMA:
             with warnings.catch_warnings():  # several adapters on one model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 transformer.add_adapter(copy.deepcopy(peft_config[student_adapter]), adapter_name=name)
-        self._layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-
-        self._student = lora_parameters(transformer, student_adapter)
-        self._emas = {"fast": lora_parameters(transformer, fast_name), "slow": lora_parameters(transformer, slow_name)}
+        self.refresh()
         for ema in self._emas.values():
-            # Same config ⇒ same keys; checked once so that update() can zip plain lists.
-            assert ema.keys() == self._student.keys(), "EMA and student LoRA tensors differ"
             for p in ema.values():
                 p.data = p.data.float()
         self._activate_student()  # add_adapter made the last EMA active and trainable
         self.restart()
+
+    def refresh(self) -> None:
+        """Find the LoRA tensors again after a wrapper replaced the parameters (FSDP2's ``fully_shard`` puts a
+        sharded copy of each in its place; the update must then lerp those, not the originals)."""
+        reshard(self.transformer)  # the modules hold the sharded parameters, not gathered copies
+        self._layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self._student = lora_parameters(self.transformer, self.student_adapter)
+        self._emas = {
+            "fast": lora_parameters(self.transformer, self.fast_name),
+            "slow": lora_parameters(self.transformer, self.slow_name),
+        }
+        for ema in self._emas.values():
+            # Same config ⇒ same keys; checked once so that update() can zip plain lists.
+            assert ema.keys() == self._student.keys(), "EMA and student LoRA tensors differ"
+
+    def parameters(self, which: Literal["student", "fast", "slow"]) -> dict[str, nn.Parameter]:
+        """One adapter's LoRA parameters (as :func:`lora_parameters`; sharded ones under FSDP2)."""
+        self._names(which)  # validates ``which``
+        return self._student if which == "student" else self._emas[which]
 
     def _names(self, which: Which) -> str:
         names = {"student": self.student_adapter, "fast": self.fast_name, "slow": self.slow_name}
@@ -198,14 +220,14 @@ class DualLoraEMA:
         return self.use("slow")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Both EMAs' LoRA tensors on the CPU, keyed ``"fast.<lora key>"`` and ``"slow.<lora key>"``."""
-        return {
-            f"{which}.{key}": p.detach().cpu().clone() for which, ema in self._emas.items() for key, p in ema.items()
-        }
+        """Both EMAs' whole LoRA tensors on the CPU, keyed ``"fast.<lora key>"`` and ``"slow.<lora key>"`` (sharded
+        ones gathered: call it on every rank)."""
+        return full_tensors({f"{which}.{key}": p for which, ema in self._emas.items() for key, p in ema.items()})
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load tensors saved by :meth:`state_dict`; keys and shapes must match exactly."""
+        """Load whole tensors saved by :meth:`state_dict` (into each rank's rows when sharded); keys and shapes must
+        match exactly."""
         params = {f"{which}.{key}": p for which, ema in self._emas.items() for key, p in ema.items()}
         missing, unexpected = sorted(params.keys() - state_dict.keys()), sorted(state_dict.keys() - params.keys())
         if missing or unexpected:
@@ -219,8 +241,10 @@ class DualLoraEMA:
                     f"Shape mismatch for {key!r}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(p.shape)}."
                 )
         for key, p in params.items():
-            p.copy_(state_dict[key])
+            copy_full_(p, state_dict[key])
 
     def adapter_state_dict(self, which: Literal["student", "fast", "slow"]) -> dict[str, torch.Tensor]:
-        """peft-format LoRA state dict of one adapter, e.g. for ``FluxPipeline.save_lora_weights``."""
-        return get_peft_model_state_dict(self.transformer, adapter_name=self._names(which))
+        """peft-format LoRA state dict of one adapter with whole CPU tensors, e.g. for
+        ``FluxPipeline.save_lora_weights`` (sharded ones gathered: call it on every rank)."""
+        reshard(self.transformer)  # the modules then hold the sharded parameters on every rank alike
+        return full_tensors(get_peft_model_state_dict(self.transformer, adapter_name=self._names(which)))

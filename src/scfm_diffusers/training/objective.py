@@ -102,6 +102,7 @@ def scfm_loss(
     x0: torch.Tensor,
     noise: torch.Tensor,
     steps: StepSample,
+    every_target: bool = False,
 ) -> SCFMLossOutput:
     """The SCFM training loss for one batch.
 
@@ -113,7 +114,9 @@ def scfm_loss(
     Then ``v_s = student(x_σ, σ, all rows)`` and ``loss = mean((v_s − target)²)`` over all elements.
 
     All target passes run before the student pass: the callables may switch adapters on one shared
-    model, and the student's autograd graph must be the last one built.
+    model, and the student's autograd graph must be the last one built. With ``every_target`` each target
+    callable runs every time, on one row whose result is dropped where it has no rows: a sharded model (FSDP)
+    gathers its weights in every pass, collectively, so every rank must make the same passes.
 
     Args:
         student: Student velocity (the only pass with gradient).
@@ -123,6 +126,7 @@ def scfm_loss(
         x0: ``(B, ...)`` clean latents.
         noise: ``(B, ...)`` Gaussian noise ε.
         steps: Per-sample steps from :func:`~scfm_diffusers.training.timesteps.sample_grid_steps`.
+        every_target: Call the teacher, the fast EMA and the slow EMA once each in every call (FSDP).
 
     Returns:
         An :class:`SCFMLossOutput`.
@@ -145,12 +149,17 @@ def scfm_loss(
         for mask, velocity in ((from_teacher, teacher), (~from_teacher, fast_ema)):
             if mask.any():
                 out[mask] = velocity(x[mask], s[mask], rows[mask]).to(out.dtype)
+            elif every_target:  # no rows here, but other ranks' passes gather weights with this one's
+                velocity(x[:1], s[:1], rows[:1])
         return out
 
     target = torch.empty_like(x_sigma)
     rows = (~steps.is_flow_matching).nonzero().squeeze(1)
     if rows.numel():  # one slow-EMA pass serves the second half-step of teacher and self rows alike
         target[rows] = scfm_target(x_sigma[rows], sigma[rows], steps.d1[rows], steps.d2[rows], first, slow_ema, rows)
+    elif every_target:  # only flow-matching rows here: the target passes still run, on one row, result dropped
+        one = torch.zeros(1, dtype=torch.long, device=x0.device)
+        scfm_target(x_sigma[one], sigma[one], steps.d1[one], steps.d2[one], first, slow_ema, one)
     fm_rows = steps.is_flow_matching
     target[fm_rows] = (noise_[fm_rows] - x0_[fm_rows]).detach()
 

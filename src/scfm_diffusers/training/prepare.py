@@ -26,9 +26,16 @@ from .buckets import BucketBatchSampler, make_buckets
 from .cache import build_latent_cache, components_fingerprint
 from .checkpoints import latest_checkpoint
 from .config import conditioning_config
-from .data import ImageCaptionPreprocessor, StreamingBatches, load_image_caption_dataset, read_prompts
+from .data import (
+    ImageCaptionPreprocessor,
+    StreamingBatches,
+    folder_media_kind,
+    load_image_caption_dataset,
+    read_prompts,
+)
 from .teacher_data import generate_teacher_images
 from .validation import calibration_prompts
+from .video import VideoCaptionPreprocessor, load_video_caption_dataset
 
 __all__ = ["TrainData", "encoders_on_device", "prepare_data", "stop_at_end_of_stream"]
 
@@ -83,6 +90,13 @@ def prepare_data(
     output_dir = Path(args.output_dir)
     device = accelerator.device
     text_encoders = family.text_encoder_names
+    if family.modality == "video" and args.num_frames is None:
+        raise ValueError(
+            f"{family.name} is a video model: pass --num_frames (4k + 1, e.g. 33 or 81) to train on clips, or "
+            "--num_frames 1 to train on images."
+        )
+    if args.num_frames is not None:
+        family.check_num_frames(args.num_frames)
     buckets = make_buckets(args.resolution) if args.aspect_ratio_buckets else None
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -110,30 +124,39 @@ def prepare_data(
                 or family.adapter_guidance_scale(conditioning_config(args)),
                 images_per_prompt=args.teacher_images_per_prompt,
                 show_progress=accelerator.is_local_main_process,
+                pipeline_kwargs=family.frame_kwargs(1) if args.num_frames == 1 else None,  # a video family's images
+                num_frames=args.num_frames if args.num_frames and args.num_frames > 1 else None,
+                fps=args.video_fps or args.validation_fps,
             )
+    # Images or clips: the same loading options, views, cache and stream; only the column and the decoder differ.
+    video = _trains_on_clips(args, train_data_dir)
+    if video and buckets:
+        raise ValueError("--aspect_ratio_buckets is for images: video clips are cropped to --resolution squares.")
+    load, column = (
+        (load_video_caption_dataset, {"video_column": args.video_column})
+        if video
+        else (load_image_caption_dataset, {"image_column": args.image_column})
+    )
     with accelerator.main_process_first():  # `datasets` prepares its own cache once
-        dataset = load_image_caption_dataset(
+        dataset = load(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
             train_data_dir=train_data_dir,
             data_files=args.data_files,
-            image_column=args.image_column,
             caption_column=args.caption_column,
             cache_dir=args.cache_dir,
             max_train_samples=args.max_train_samples,
             seed=args.seed,
             streaming=args.streaming,
             shuffle_buffer_size=args.shuffle_buffer_size,
+            **column,
         )
-    preprocessor = ImageCaptionPreprocessor(
-        args.resolution,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        seed=args.seed,
-        buckets=buckets,
-        interpolation=args.image_interpolation_mode,
+    options = {"center_crop": args.center_crop, "random_flip": args.random_flip, "seed": args.seed}
+    options.update(caption_column=args.caption_column, interpolation=args.image_interpolation_mode, **column)
+    preprocessor = (
+        VideoCaptionPreprocessor(args.resolution, num_frames=args.num_frames or 1, fps=args.video_fps, **options)
+        if video
+        else ImageCaptionPreprocessor(args.resolution, buckets=buckets, **options)
     )
     if args.streaming:
         data = _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, preprocessor)
@@ -151,7 +174,7 @@ def prepare_data(
         "encoder_dtype": str(weight_dtype),
         "data": dataset._fingerprint,
         "rows": len(dataset),
-        "columns": [args.image_column, args.caption_column],
+        "columns": [preprocessor.column, args.caption_column],
         "max_train_samples": args.max_train_samples,
         "resolution": args.resolution,
         "buckets": buckets,
@@ -162,6 +185,8 @@ def prepare_data(
     }
     if args.image_interpolation_mode != "bilinear":  # caches built before the flag existed stay valid
         settings["interpolation"] = args.image_interpolation_mode
+    if video:  # image caches keep their fingerprint
+        settings.update(num_frames=preprocessor.num_frames, video_fps=args.video_fps)
     cache = build_latent_cache(
         preprocessor(dataset),
         output_dir / "cache" / "latents",
@@ -210,6 +235,32 @@ def prepare_data(
     return TrainData(
         batches, to_training_batch, uncond, validation_text, prepared=dataloader, calibration_text=calibration_text
     )
+
+
+def _trains_on_clips(args: argparse.Namespace, train_data_dir: str | Path | None) -> bool:
+    """Whether the data are video clips: a local folder (``--train_data_dir``, the teacher's, or a local
+    ``--dataset_name`` without ``--data_files``) by the files it holds, any other source by ``--num_frames > 1``.
+
+    Raises:
+        ValueError: Clips without ``--num_frames``, or images with ``--num_frames`` above 1.
+    """
+    folder = train_data_dir
+    if folder is None and args.dataset_name and not args.data_files and Path(args.dataset_name).is_dir():
+        folder = args.dataset_name
+    kind = folder_media_kind(folder) if folder is not None and Path(folder).is_dir() else None
+    if kind is None:
+        return (args.num_frames or 1) > 1
+    if kind == "video" and args.num_frames is None:
+        raise ValueError(
+            f"{str(folder)!r} holds video clips: give --num_frames, the frames per training clip (Wan needs 4k + 1, "
+            "e.g. 81), and optionally --video_fps."
+        )
+    if kind == "image" and (args.num_frames or 1) > 1:
+        raise ValueError(
+            f"{str(folder)!r} holds images, not video clips: --num_frames {args.num_frames} needs clips "
+            "(.mp4 .webm .mkv .mov .avi). Train on images without --num_frames (a video family: --num_frames 1)."
+        )
+    return kind == "video"
 
 
 def _streaming_data(args, pipe, family, accelerator, weight_dtype, dataset, preprocessor) -> TrainData:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import ConditioningConfig, Family
+from .distributed import is_sharded_module
 from .ema import DualLoraEMA
 from .objective import SCFMLossOutput, scfm_loss
 from .timesteps import GridSamplerConfig, StepSample, sample_grid_steps
@@ -114,5 +115,6 @@ def scfm_training_losses(
         x0=x0,
         noise=noise,
         steps=steps,
+        every_target=is_sharded_module(ema.transformer),  # FSDP: every rank makes the same forward passes
     )
     return SCFMStepOutput(losses, steps)

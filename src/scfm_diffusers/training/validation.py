@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch
 
 from .._files import write_text_atomic
 from ..calibration import calibrate_lora_scales
-from ..families import Family
+from ..families import Family, LoraExperts, pipeline_samples
 from ..hub import base_model_hub_id
 from ..settings import SCFMInferenceSettings
 from .config import conditioning_config, inference_shift
@@ -32,7 +33,9 @@ __all__ = [
     "calibrate",
     "calibration_prompts",
     "inference_settings",
+    "export_video",
     "log_validation_images",
+    "log_validation_videos",
     "pipeline_autocast",
     "scfm_pipeline",
     "validate",
@@ -95,7 +98,8 @@ def scfm_pipeline(pipe: Any, transformer: torch.nn.Module, family: Family, setti
     """An SCFM pipeline around the training transformer (whichever adapter is active), with ``settings``."""
     from ..pipeline_scfm import scfm_pipeline_class
 
-    scfm_pipe = scfm_pipeline_class(family)(**{**pipe.components, "transformer": transformer})
+    trained = transformer.experts() if isinstance(transformer, LoraExperts) else {"transformer": transformer}
+    scfm_pipe = scfm_pipeline_class(family)(**{**pipe.components, **trained})
     scfm_pipe.set_scfm_settings(settings)
     scfm_pipe.set_progress_bar_config(disable=True)
     return scfm_pipe
@@ -137,6 +141,7 @@ def calibrate(
             height=args.resolution,
             width=args.resolution,
             max_sequence_length=args.max_sequence_length,
+            **family.frame_kwargs(args.num_frames),
             **family.pipeline_text_kwargs(
                 _repeat(text, args.calibration_images_per_prompt), uncond, device=device, dtype=dtype
             ),
@@ -167,14 +172,66 @@ def validate(
             ),
             height=args.resolution,
             width=args.resolution,
+            **family.frame_kwargs(args.num_frames),
             generator=torch.Generator().manual_seed(args.seed),
-        ).images
+            output_type="pil",  # a video pipeline's default is numpy
+        )
+    samples = pipeline_samples(images)
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
+    if family.modality == "video":  # clips: mp4 files, the trackers' videos, the first frames for the card
+        paths = [folder / f"step{step:06d}_{index}.mp4" for index in range(len(samples))]
+        for frames, path in zip(samples, paths, strict=True):
+            export_video(frames, path, fps=args.validation_fps)
+        log_validation_videos(trackers, samples, paths, args.validation_prompt, step, fps=args.validation_fps)
+        return [frames[0] for frames in samples]
+    for index, image in enumerate(samples):
         image.save(folder / f"step{step:06d}_{index}.png")
-    log_validation_images(trackers, images, args.validation_prompt, step)
-    return images
+    log_validation_images(trackers, samples, args.validation_prompt, step)
+    return samples
+
+
+def export_video(frames: Sequence[PIL.Image.Image], path: Path, *, fps: int) -> Path:
+    """Write a clip with diffusers' ``export_to_video`` (imageio + ffmpeg: the ``[video]`` extra)."""
+    from diffusers.utils import export_to_video
+
+    try:
+        import imageio  # noqa: F401  (export_to_video falls back to OpenCV without it, which is absent here)
+    except ImportError as error:
+        raise ImportError(
+            'Writing validation videos needs imageio and imageio-ffmpeg: pip install "scfm-diffusers[video]".'
+        ) from error
+    export_to_video(list(frames), str(path), fps=fps)
+    return path
+
+
+def log_validation_videos(
+    trackers: Sequence[Any],
+    clips: Sequence[Sequence[PIL.Image.Image]],
+    paths: Sequence[Path],
+    prompt: str,
+    step: int,
+    *,
+    fps: int,
+) -> None:
+    """Log clips to every tracker that takes videos (tensorboard ``add_video``, wandb ``Video``)."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            video = np.stack([np.stack([np.asarray(frame) for frame in clip]) for clip in clips])  # N, T, H, W, C
+            if importlib.util.find_spec("moviepy") is not None:  # tensorboard encodes videos as GIFs with moviepy
+                tracker.writer.add_video("validation", video.transpose(0, 1, 4, 2, 3), step, fps=fps)
+            else:
+                tracker.writer.add_images("validation", video[:, 0], step, dataformats="NHWC")
+                logger.info("tensorboard gets the first frames (install moviepy for videos); the clips are mp4s.")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": [wandb.Video(str(p), caption=f"{n}: {prompt}") for n, p in enumerate(paths)]},
+                step=step,
+            )
+        else:
+            logger.info("Tracker %r logs no videos; validation clips are in output_dir/validation.", tracker.name)
 
 
 def log_validation_images(trackers: Sequence[Any], images: Sequence[PIL.Image.Image], prompt: str, step: int) -> None:
