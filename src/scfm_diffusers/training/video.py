@@ -459,6 +459,8 @@ def load_clip_folder(folder: str | os.PathLike, *, video_column: str = "video") 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = datasets.table.InMemoryTable.from_pydict({key: [row.get(key) for row in rows] for key in columns})
     dataset = datasets.Dataset(table, fingerprint=identity.hexdigest()[:16])
+    if not hasattr(datasets, "Video"):  # datasets < 4: the paths stay strings, which the preprocessor reads alike
+        return dataset
     return dataset.cast_column(video_column, datasets.Video(decode=False))
 
 
@@ -659,8 +661,9 @@ class VideoCaptionPreprocessor(CaptionPreprocessor):
     def undecoded(self, dataset: datasets.Dataset | datasets.IterableDataset):
         """``dataset`` with its clip column read as ``datasets.Video(decode=False)`` (bytes and path: no
         torchcodec needed, and a failing file can be named)."""
+        video = getattr(datasets, "Video", None)  # datasets < 4 has no Video feature: paths and bytes as they are
         feature = (dataset.features or {}).get(self.video_column)
         strings = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-        if isinstance(feature, datasets.Video) or strings:
-            return dataset.cast_column(self.video_column, datasets.Video(decode=False))
+        if video is not None and (isinstance(feature, video) or strings):
+            return dataset.cast_column(self.video_column, video(decode=False))
         return dataset
