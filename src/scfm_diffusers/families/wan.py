@@ -243,7 +243,7 @@ class WanFamily(Family):
                 states = torch.cat([states, null_embeds.expand(n, -1, -1)])
             out = model(
                 hidden_states=hidden.to(dtype),
-                timestep=timestep.to(dtype),
+                timestep=timestep.float(),  # as the pipeline passes it: the experts' boundary is routed exactly
                 encoder_hidden_states=states.to(dtype),
                 return_dict=False,
             )[0].float()
