@@ -323,3 +323,29 @@ def test_two_process_ddp_trains_both_experts_on_cpu(wan_pipelines, tmp_path):
     assert moved == {"transformer", "transformer_2"}
     base, with_lora = _stock_clips(wan_pipelines["wan22"], out)
     assert (with_lora - base).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_quantized_two_expert_base_quantizes_both_experts(train_script, wan_pipelines, tmp_path):
+    """--quantize_base quantizes transformer AND transformer_2 (torchao int8 on CPU), and both LoRAs train on them."""
+    pytest.importorskip("torchao")
+    from safetensors.torch import load_file
+
+    from scfm_diffusers.training.components import load_base_model
+    from scfm_diffusers.training.quantization import is_quantized_weight
+
+    data = _clip_folder(tmp_path / "clips", n=2)
+    argv = _argv(
+        wan_pipelines["wan22"], tmp_path / "out", "--train_data_dir", str(data), "--max_train_steps", "2",
+        "--quantize_base", "torchao-int8", "--shift_min", "0.3", "--shift_max", "8",
+    )  # fmt: skip
+    args = train_script.parse_args(argv)
+    from accelerate import Accelerator
+
+    pipe, _ = load_base_model(args, Accelerator(cpu=True), torch.float32)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert is_quantized_weight(expert.blocks[0].attn1.to_q.weight)
+    out = train_script.main(args)
+    state = load_file(out / "checkpoint-2" / "scfm_state.safetensors")
+    moved = {k.split(".")[1] for k, v in state.items() if k.startswith("student.") and "lora_B" in k and v.any()}
+    assert moved == {"transformer", "transformer_2"}

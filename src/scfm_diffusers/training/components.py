@@ -69,15 +69,19 @@ def load_base_model(
     grid_config(args, family)  # the grid flags against the family's defaults, before the weights load
     components = {}
     if args.quantize_base:  # a quantized base is also a quantized teacher (adapters off), at no extra memory
-        components["transformer"] = load_quantized_transformer(
-            args.pretrained_model_name_or_path,
-            family.name,
-            args.quantize_base,
-            torch_dtype=weight_dtype,
-            revision=args.revision,
-            variant=args.variant,
-            device=accelerator.device,
-        )
+        # Every transformer of the pipeline: Wan 2.2's transformer_2 (a null entry in model_index.json when absent).
+        names = [name for name in ("transformer", "transformer_2") if (config.get(name) or [None])[0]]
+        for name in names:
+            components[name] = load_quantized_transformer(
+                args.pretrained_model_name_or_path,
+                family.name,
+                args.quantize_base,
+                torch_dtype=weight_dtype,
+                revision=args.revision,
+                variant=args.variant,
+                device=accelerator.device,
+                subfolder=name,
+            )
     pipe = family.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, variant=args.variant, torch_dtype=weight_dtype, **hub, **components
     )
