@@ -147,8 +147,10 @@ def test_a_two_expert_adapter_refuses_a_one_expert_pipeline(tmp_path):
     _train_lora(experts)
     settings = SCFMInferenceSettings.for_family("wan", num_inference_steps=2)
     folder = save_adapter(tmp_path / "adapter", experts, settings)
+    one_expert = SCFMPipeline.from_pipe(_pipe())
     with pytest.raises(ValueError, match="transformer_2.*two-expert base"):
-        SCFMPipeline.from_pipe(_pipe(), adapter=folder)
+        one_expert.load_scfm_adapter(folder)
+    assert not getattr(one_expert.transformer, "peft_config", None), "a refused adapter must leave no LoRA behind"
 
 
 @pytest.mark.parametrize("frames", [0, 2, 4, 6, 80])

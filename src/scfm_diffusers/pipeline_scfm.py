@@ -115,6 +115,7 @@ class SCFMPipelineMixin:
         peft_logger.addFilter(quiet)
         try:
             adapter_weights_file(adapter, revision=revision, token=token)  # header and size, before diffusers
+            self._check_experts(adapter, settings)  # before any weights load: a refused adapter leaves no LoRA
             self.load_lora_weights(adapter, adapter_name=adapter_name, revision=revision, token=token)
             self._load_expert_loras(adapter, settings, adapter_name=adapter_name, revision=revision, token=token)
         except (RuntimeError, ValueError) as error:
@@ -134,11 +135,8 @@ class SCFMPipelineMixin:
         finally:
             peft_logger.removeFilter(quiet)
 
-    def _load_expert_loras(
-        self, adapter: str | os.PathLike, settings: SCFMInferenceSettings, *, adapter_name: str, **hub: Any
-    ) -> None:
-        """Each further expert's LoRA from its own file (Wan 2.2: ``load_into_transformer_2``), as stock diffusers
-        loads it; a pipeline with experts the adapter has no LoRA for is warned about."""
+    def _check_experts(self, adapter: str | os.PathLike, settings: SCFMInferenceSettings) -> None:
+        """Refuse an adapter with a LoRA for an expert this pipeline lacks; warn about an expert it has no LoRA for."""
         for component, weight_name in settings.expert_weights.items():
             if getattr(self, component, None) is None:
                 raise ValueError(
@@ -146,9 +144,6 @@ class SCFMPipelineMixin:
                     f"{type(self).__name__} does not have: it was trained on a two-expert base (Wan 2.2 A14B). Load "
                     "it into that base model."
                 )
-            self.load_lora_weights(
-                adapter, weight_name=weight_name, adapter_name=adapter_name, **{f"load_into_{component}": True}, **hub
-            )
         for component in ("transformer_2",):
             if getattr(self, component, None) is not None and component not in settings.expert_weights:
                 logger.warning(
@@ -156,6 +151,16 @@ class SCFMPipelineMixin:
                     adapter,
                     component,
                 )
+
+    def _load_expert_loras(
+        self, adapter: str | os.PathLike, settings: SCFMInferenceSettings, *, adapter_name: str, **hub: Any
+    ) -> None:
+        """Each further expert's LoRA from its own file (Wan 2.2: ``load_into_transformer_2``), as stock diffusers
+        loads it."""
+        for component, weight_name in settings.expert_weights.items():
+            self.load_lora_weights(
+                adapter, weight_name=weight_name, adapter_name=adapter_name, **{f"load_into_{component}": True}, **hub
+            )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each pipeline class a ``__call__`` with its stock parent's signature plus the SCFM arguments."""
