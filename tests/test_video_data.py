@@ -339,6 +339,7 @@ def test_a_clip_folder_is_cached_like_images_and_rows_equal_a_direct_encode(vae,
     skipped = {s["source"].rsplit("/", 1)[-1]: s["reason"] for s in cache.index["skipped"]}
     assert skipped == {"3.mp4": "too short", "4.mkv": "unreadable"}
     assert "3.mp4" in caplog.text and "4.mkv" in caplog.text
+    assert cache.skipped_summary().startswith("Skipped 2 of 5 clips (1 too short, 1 unreadable)")
     assert all(batch.shape[0] <= 2 for batch in encoders.pixels)  # one batch of decoded clips at a time
     for row in range(3):
         sample = samples.sample(row)

@@ -178,15 +178,20 @@ class LatentCache(torch.utils.data.Dataset):
             item[key] = text.read(key, row=caption_id % self.text_shard_size)
         return item
 
+    @property
+    def kind(self) -> str:
+        """What the rows are: ``"clips"`` for a video cache (its settings name ``num_frames``), else ``"images"``."""
+        return "clips" if (self.index.get("settings") or {}).get("num_frames") else "images"
+
     def skipped_summary(self) -> str | None:
-        """One line on the images left out while caching (how many, why, an example), or None if none were."""
+        """One line on the images (or clips) left out while caching (how many, why, an example), or None."""
         skipped = self.index["skipped"]
         if not skipped:
             return None
         reasons = ", ".join(f"{n} {why}" for why, n in Counter(s["reason"] for s in skipped).items())
         first = skipped[0]
         return (
-            f"Skipped {len(skipped)} of {self.index['num_source_rows']} images ({reasons}), "
+            f"Skipped {len(skipped)} of {self.index['num_source_rows']} {self.kind} ({reasons}), "
             f"e.g. {first['source']} ({first['error']})."
         )
 
@@ -569,10 +574,11 @@ def build_latent_cache(
     state.wait_for_everyone()
     cache = LatentCache(directory, verify=False)  # every shard was verified above or written by this run
     logger.info(
-        "Cached %d latents and %d unique text embeddings in %s (%d images skipped).",
+        "Cached %d latents and %d unique text embeddings in %s (%d %s skipped).",
         len(cache),
         cache.num_captions,
         directory,
         len(cache.index["skipped"]),
+        cache.kind,
     )
     return cache
