@@ -142,8 +142,15 @@ def _clip_text_config(tokenizer: CLIPTokenizer, config: TinyModelConfig) -> CLIP
     )
 
 
-def _t5_encoder(tokenizer: T5Tokenizer, config: TinyModelConfig) -> T5EncoderModel:
-    t5_config = T5Config(
+def _t5_encoder(
+    tokenizer: T5Tokenizer,
+    config: TinyModelConfig,
+    *,
+    config_class: type = T5Config,
+    model_class: type = T5EncoderModel,
+) -> T5EncoderModel:
+    """A tiny T5 encoder (or another class with T5's config keys: ``UMT5Config`` / ``UMT5EncoderModel`` for Wan)."""
+    t5_config = config_class(
         vocab_size=len(tokenizer),
         d_model=config.t5_dim or config.text_dim,
         d_ff=2 * config.text_dim,
@@ -156,7 +163,7 @@ def _t5_encoder(tokenizer: T5Tokenizer, config: TinyModelConfig) -> T5EncoderMod
         decoder_start_token_id=tokenizer.pad_token_id,
         dropout_rate=0.0,
     )
-    return T5EncoderModel(t5_config).eval()
+    return model_class(t5_config).eval()
 
 
 def _vae(

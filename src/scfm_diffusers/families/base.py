@@ -277,12 +277,20 @@ class Family:
     ) -> dict[str, Any]:
         """Pipeline ``__call__`` arguments that condition on cached ``text`` (validation, calibration).
 
+        The default suits a family whose text is one ``prompt_embeds`` tensor: those, and the empty prompt's as
+        ``negative_prompt_embeds`` (the negative of the pipeline's CFG, as in training). Override it for other
+        text tensors (masks, pooled embeddings) or another layout.
+
         Args:
             text: Tensors from :meth:`encode_prompts` (batch B).
             uncond: The same for the empty prompt (batch 1), for CFG families.
             **to: ``device`` / ``dtype`` for the floating tensors.
         """
-        raise NotImplementedError
+        n = len(text["prompt_embeds"])
+        return {
+            "prompt_embeds": text["prompt_embeds"].to(**to),
+            "negative_prompt_embeds": uncond["prompt_embeds"].expand(n, -1, -1).to(**to),
+        }
 
     def encode_images(
         self, vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator | list | None = None

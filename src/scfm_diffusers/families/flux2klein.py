@@ -125,14 +125,6 @@ class Flux2KleinFamily(Family):
         )
         return {"prompt_embeds": embeds.float()}
 
-    def pipeline_text_kwargs(self, text, uncond, **to):
-        """The cached captions, with the empty prompt as the negative one (CFG as in training)."""
-        n = len(text["prompt_embeds"])
-        return {
-            "prompt_embeds": text["prompt_embeds"].to(**to),
-            "negative_prompt_embeds": uncond["prompt_embeds"].expand(n, -1, -1).to(**to),
-        }
-
     def encode_images(self, vae, pixels, generator=None):
         """VAE latents as the pipeline's ``latents=`` takes them: patchified and batch-norm normalised.
 

@@ -185,14 +185,6 @@ class WanFamily(Family):
         )
         return {"prompt_embeds": embeds.float()}
 
-    def pipeline_text_kwargs(self, text, uncond, **to):
-        """The prompt embeddings and the empty prompt's as the negative of the pipeline's CFG, as in training."""
-        n = len(text["prompt_embeds"])
-        return {
-            "prompt_embeds": text["prompt_embeds"].to(**to),
-            "negative_prompt_embeds": uncond["prompt_embeds"].expand(n, -1, -1).to(**to),
-        }
-
     def encode_images(self, vae, pixels, generator=None):
         """Video latents of ``AutoencoderKLWan``, normalised per channel: ``(z − latents_mean)/latents_std``.
 
@@ -267,7 +259,7 @@ class WanFamily(Family):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        from ..testing import TinyModelConfig, character_t5_tokenizer
+        from ..testing import TinyModelConfig, _t5_encoder, character_t5_tokenizer
 
         config = config or TinyModelConfig()
         pipeline_class = pipeline_class or self.pipeline_class
@@ -283,7 +275,7 @@ class WanFamily(Family):
                 attention_head_dim=config.attention_head_dim,
                 in_channels=channels,
                 out_channels=channels,
-                text_dim=config.text_dim,
+                text_dim=config.t5_dim or config.text_dim,  # the encoder's width (_t5_encoder)
                 freq_dim=32,
                 ffn_dim=2 * config.num_attention_heads * config.attention_head_dim,
                 num_layers=config.num_layers,
@@ -294,21 +286,7 @@ class WanFamily(Family):
 
         first = transformer()
         second = transformer() if boundary_ratio is not None else None  # the next draws: other weights
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=config.text_dim,
-                d_ff=2 * config.text_dim,
-                d_kv=8,
-                num_heads=4,
-                num_layers=config.text_layers,
-                relative_attention_num_buckets=8,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-                dropout_rate=0.0,
-            )
-        ).eval()
+        text_encoder = _t5_encoder(tokenizer, config, config_class=UMT5Config, model_class=UMT5EncoderModel)
         vae = AutoencoderKLWan(
             base_dim=config.vae_channels,
             z_dim=channels,
